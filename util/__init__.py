@@ -1,0 +1,1 @@
+"""Small single-purpose helpers shared by models, datasets and the training loop."""
