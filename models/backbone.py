@@ -1,0 +1,175 @@
+"""ResNet backbone with frozen batch norm, and the Joiner that adds position encodings.
+
+Module names are part of the checkpoint contract: the Joiner is a two-element ``nn.Sequential`` so the
+ResNet lives under ``backbone.0.body.<torchvision resnet names>`` and a learned position encoding under
+``backbone.1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import socket
+from collections import OrderedDict
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from util.misc import NestedTensor
+
+from .position_encoding import build_position_encoding
+
+__all__ = ["Backbone", "FrozenBatchNorm2d", "Joiner", "build_backbone", "load_backbone_weights"]
+
+_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+# The published models were trained from torchvision's original ImageNet weights (``pretrained=True``).
+_IMAGENET_WEIGHTS = {
+    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
+}
+# Per-socket-operation timeout for the ImageNet download: offline machines must fail fast, not hang.
+DOWNLOAD_TIMEOUT_S = 15.0
+
+
+def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
+    """Torchvision ImageNet weights of ``name``: from the torch hub cache, else downloaded (fails fast)."""
+    url = _IMAGENET_WEIGHTS[name].url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if os.path.isfile(cached):
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
+    except Exception as err:  # any network/hash/disk failure gets the same actionable message
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise RuntimeError(
+            f"--backbone_weights imagenet: cannot get the {name} ImageNet weights ({url}: {reason}); "
+            f"pass --backbone_weights none (random init) or --backbone_weights PATH (a local {name} .pth), "
+            f"or put the file in {os.path.dirname(cached)}"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _file_state_dict(path: str, name: str) -> dict[str, Tensor]:
+    """A torchvision ResNet state dict from ``path`` (also accepts {'model': ...} and DETR-prefixed keys)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--backbone_weights {path}: no such file; expected 'imagenet', 'none' or a {name} .pth state dict"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"--backbone_weights {path}: expected a state dict, got {type(state).__name__}")
+    for prefix in ("module.", "backbone.0.body."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def load_backbone_weights(resnet: nn.Module, weights: str, name: str) -> None:
+    """Load ``weights`` ('imagenet', 'none' or a .pth path) into a torchvision ResNet in place.
+
+    The classifier (``fc.*``) is optional since DETR drops it; any other missing or unexpected key is an error.
+    """
+    if weights == "none":
+        return
+    state = _imagenet_state_dict(name) if weights == "imagenet" else _file_state_dict(weights, name)
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"--backbone_weights {weights}: not a {name} state dict "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+
+
+class Backbone(nn.Module):
+    """Torchvision ResNet feature extractor with FrozenBatchNorm2d.
+
+    Args:
+        name: 'resnet18', 'resnet34', 'resnet50' or 'resnet101'.
+        train_backbone: if False every parameter is frozen; if True layer2-4 train (stem and layer1 never do).
+        return_interm_layers: return layer1..layer4 (for the mask head) instead of layer4 only.
+        dilation: dilate layer4 instead of striding it (DC5: output stride 16).
+        weights: 'imagenet', 'none' or a path to a torchvision ResNet state dict.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        train_backbone: bool,
+        return_interm_layers: bool,
+        dilation: bool,
+        weights: str = "imagenet",
+    ):
+        super().__init__()
+        if name not in _CHANNELS:
+            raise ValueError(f"--backbone {name}: unsupported; choose one of {sorted(_CHANNELS)}")
+        if dilation and name in ("resnet18", "resnet34"):
+            raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/resnet101), got --backbone {name}")
+        resnet = getattr(torchvision.models, name)(
+            weights=None,
+            replace_stride_with_dilation=[False, False, dilation],
+            norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5),
+        )
+        load_backbone_weights(resnet, weights, name)
+        for param_name, param in resnet.named_parameters():
+            trainable = train_backbone and param_name.split(".")[0] in ("layer2", "layer3", "layer4")
+            param.requires_grad_(trainable)
+        if return_interm_layers:
+            return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+        else:
+            return_layers = {"layer4": "0"}
+        self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
+        self.num_channels = _CHANNELS[name]
+
+    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
+        """[B, 3, H, W] images + [B, H, W] padding mask -> {'0'..: NestedTensor([B, C_i, H_i, W_i], [B, H_i, W_i])}."""
+        images, mask = tensor_list.tensors, tensor_list.mask
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        out: dict[str, NestedTensor] = OrderedDict()
+        for key, feature in self.body(images).items():
+            feature_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:], mode="nearest")[0].bool()
+            out[key] = NestedTensor(feature, feature_mask)
+        return out
+
+
+class Joiner(nn.Sequential):
+    """``Joiner(backbone, position_embedding)``: features and their position encodings, lowest stride first."""
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
+        """Returns (features: list of NestedTensor [B, C_i, H_i, W_i], positions: list of [B, D, H_i, W_i])."""
+        features = list(self[0](tensor_list).values())
+        positions = [self[1](feature).to(feature.tensors.dtype) for feature in features]
+        return features, positions
+
+
+def build_backbone(args: argparse.Namespace) -> Joiner:
+    """Backbone + position encoding from ``args`` (backbone, dilation, masks, lr_backbone, backbone_weights)."""
+    backbone = Backbone(
+        args.backbone,
+        train_backbone=args.lr_backbone > 0,
+        return_interm_layers=args.masks,
+        dilation=args.dilation,
+        weights=getattr(args, "backbone_weights", "imagenet"),
+    )
+    return Joiner(backbone, build_position_encoding(args))

@@ -1,0 +1,352 @@
+"""DETR encoder-decoder transformer (paper section 3.2), batch-first inside.
+
+Parameter names equal the published model's (``self_attn.in_proj_weight``, ``multihead_attn``, ``linear1``,
+``norm1`` ...), so published checkpoints load unchanged. Attention runs through
+``F.scaled_dot_product_attention`` ('sdpa') or the plain softmax reference ('math').
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ATTENTION_KERNELS",
+    "MultiheadAttention",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "build_transformer",
+    "set_attention_kernel",
+]
+
+ATTENTION_KERNELS = ("sdpa", "math")
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with one fused input projection, batch-first.
+
+    Same parameters and numbers as ``torch.nn.MultiheadAttention`` (``in_proj_weight`` [3D, D],
+    ``in_proj_bias`` [3D], ``out_proj``), computed by the selected kernel.
+
+    Args:
+        embed_dim: D.
+        num_heads: heads; D must be divisible by it.
+        dropout: dropout on the attention weights (training only).
+        kernel: 'sdpa' (fused ``F.scaled_dot_product_attention``) or 'math' (explicit softmax reference).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, kernel: str = "sdpa"):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"hidden_dim {embed_dim} must be divisible by nheads {num_heads}")
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"--attention {kernel}: expected one of {ATTENTION_KERNELS}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.kernel = kernel
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, -1).transpose(1, 2)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from queries to keys.
+
+        Args:
+            query: [B, Lq, D].
+            key: [B, Lk, D].
+            value: [B, Lk, D].
+            key_padding_mask: [B, Lk] bool, True on keys to ignore (padding).
+
+        Returns:
+            (output [B, Lq, D], head-averaged attention weights [B, Lq, Lk] with the 'math' kernel, else None).
+            The tuple mirrors ``nn.MultiheadAttention`` so forward hooks written for the published model work.
+        """
+        dim = self.embed_dim
+        weight, bias = self.in_proj_weight, self.in_proj_bias
+        if query is key:  # self-attention: q and k share the input, so project them in one matmul
+            q, k = F.linear(query, weight[: 2 * dim], bias[: 2 * dim]).chunk(2, dim=-1)
+        else:
+            q = F.linear(query, weight[:dim], bias[:dim])
+            k = F.linear(key, weight[dim : 2 * dim], bias[dim : 2 * dim])
+        v = F.linear(value, weight[2 * dim :], bias[2 * dim :])
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if self.kernel == "sdpa":
+            # SDPA's boolean mask marks the keys to attend to, the opposite of a padding mask.
+            attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if key_padding_mask is not None:
+                scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            probs = scores.softmax(dim=-1)
+            weights = probs.mean(dim=1)
+            out = F.dropout(probs, p=dropout) @ v
+        out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], dim)
+        return self.out_proj(out), weights
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Self-attention + ReLU feed-forward block; post-norm (published default) or pre-norm."""
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        normalize_before: bool = False,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, kernel=attention)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+    def forward(self, src: Tensor, key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
+        """src, pos: [B, HW, D]; key_padding_mask: [B, HW] (True on padding) -> [B, HW, D]."""
+        if self.normalize_before:
+            x = self.norm1(src)
+            q = k = x if pos is None else x + pos
+            src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask)[0])
+            return src + self.dropout2(self._feed_forward(self.norm2(src)))
+        q = k = src if pos is None else src + pos
+        src = self.norm1(src + self.dropout1(self.self_attn(q, k, src, key_padding_mask)[0]))
+        return self.norm2(src + self.dropout2(self._feed_forward(src)))
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Query self-attention, cross-attention to the encoder memory, ReLU feed-forward."""
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        normalize_before: bool = False,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, kernel=attention)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, kernel=attention)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_key_padding_mask: Tensor | None,
+        pos: Tensor | None,
+        query_pos: Tensor | None,
+    ) -> Tensor:
+        """tgt, query_pos: [B, Q, D]; memory, pos: [B, HW, D]; mask: [B, HW] -> [B, Q, D]."""
+        memory_key = memory if pos is None else memory + pos
+        if self.normalize_before:
+            x = self.norm1(tgt)
+            q = k = x if query_pos is None else x + query_pos
+            tgt = tgt + self.dropout1(self.self_attn(q, k, x)[0])
+            x = self.norm2(tgt)
+            q = x if query_pos is None else x + query_pos
+            tgt = tgt + self.dropout2(self.multihead_attn(q, memory_key, memory, memory_key_padding_mask)[0])
+            return tgt + self.dropout3(self._feed_forward(self.norm3(tgt)))
+        q = k = tgt if query_pos is None else tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)[0]))
+        q = tgt if query_pos is None else tgt + query_pos
+        tgt = self.norm2(tgt + self.dropout2(self.multihead_attn(q, memory_key, memory, memory_key_padding_mask)[0]))
+        return self.norm3(tgt + self.dropout3(self._feed_forward(tgt)))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of encoder layers, with a final LayerNorm only in the pre-norm variant."""
+
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: nn.Module | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(self, src: Tensor, key_padding_mask: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
+        """src, pos: [B, HW, D]; key_padding_mask: [B, HW] -> memory [B, HW, D]."""
+        for layer in self.layers:
+            src = layer(src, key_padding_mask, pos)
+        return src if self.norm is None else self.norm(src)
+
+
+class TransformerDecoder(nn.Module):
+    """A stack of decoder layers; every returned output goes through the final LayerNorm."""
+
+    def __init__(
+        self,
+        decoder_layer: TransformerDecoderLayer,
+        num_layers: int,
+        norm: nn.Module,
+        return_intermediate: bool = False,
+    ):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(decoder_layer) for _ in range(num_layers))
+        self.num_layers = num_layers
+        self.norm = norm
+        self.return_intermediate = return_intermediate
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        memory_key_padding_mask: Tensor | None = None,
+        pos: Tensor | None = None,
+        query_pos: Tensor | None = None,
+    ) -> Tensor:
+        """Returns [L, B, Q, D] (every layer) with return_intermediate, else [1, B, Q, D] (last layer)."""
+        outputs = []
+        for index, layer in enumerate(self.layers):
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            if self.return_intermediate or index == len(self.layers) - 1:
+                outputs.append(self.norm(tgt))
+        return torch.stack(outputs)
+
+
+class Transformer(nn.Module):
+    """DETR encoder-decoder.
+
+    Args:
+        d_model: hidden size D.
+        nhead: attention heads.
+        num_encoder_layers / num_decoder_layers: stack depths.
+        dim_feedforward: feed-forward hidden size.
+        dropout: dropout in attention weights, residual branches and feed-forward.
+        normalize_before: pre-norm layers (adds ``encoder.norm``).
+        return_intermediate_dec: return every decoder layer's (normalised) output, for auxiliary losses.
+        attention: 'sdpa' or 'math' (see ``MultiheadAttention``).
+    """
+
+    def __init__(
+        self,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        normalize_before: bool = False,
+        return_intermediate_dec: bool = False,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        if num_decoder_layers < 1:
+            raise ValueError(f"--dec_layers must be at least 1, got {num_decoder_layers}")
+        encoder_layer = TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout, normalize_before=normalize_before, attention=attention
+        )
+        self.encoder = TransformerEncoder(
+            encoder_layer, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None
+        )
+        decoder_layer = TransformerDecoderLayer(
+            d_model, nhead, dim_feedforward, dropout, normalize_before=normalize_before, attention=attention
+        )
+        self.decoder = TransformerDecoder(
+            decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate=return_intermediate_dec
+        )
+        self.d_model = d_model
+        self.nhead = nhead
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self, src: Tensor, mask: Tensor | None, query_embed: Tensor, pos_embed: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Encode the feature map and decode the object queries.
+
+        Args:
+            src: [B, D, H, W] projected backbone features.
+            mask: [B, H, W] bool, True on padding (or None).
+            query_embed: [Q, D] learned object queries (the decoder input starts at zeros).
+            pos_embed: [B, D, H, W] position encoding.
+
+        Returns:
+            (hs [L, B, Q, D] decoder outputs after the final norm, memory [B, D, H, W] encoder output).
+        """
+        batch, dim, height, width = src.shape
+        src = src.flatten(2).transpose(1, 2)
+        pos = pos_embed.flatten(2).transpose(1, 2)
+        query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
+        key_padding_mask = None if mask is None else mask.flatten(1)
+        memory = self.encoder(src, key_padding_mask=key_padding_mask, pos=pos)
+        tgt = torch.zeros_like(query_pos)
+        hs = self.decoder(tgt, memory, memory_key_padding_mask=key_padding_mask, pos=pos, query_pos=query_pos)
+        return hs, memory.transpose(1, 2).reshape(batch, dim, height, width)
+
+
+def set_attention_kernel(module: nn.Module, kernel: str) -> None:
+    """Switch every ``MultiheadAttention`` inside ``module`` to 'sdpa' or 'math' (weights unchanged)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r}: expected one of {ATTENTION_KERNELS}")
+    for sub in module.modules():
+        if isinstance(sub, MultiheadAttention):
+            sub.kernel = kernel
+
+
+def build_transformer(args: argparse.Namespace) -> Transformer:
+    """Transformer from args (hidden_dim, dropout, nheads, dim_feedforward, enc/dec_layers, pre_norm, attention)."""
+    return Transformer(
+        d_model=args.hidden_dim,
+        nhead=args.nheads,
+        num_encoder_layers=args.enc_layers,
+        num_decoder_layers=args.dec_layers,
+        dim_feedforward=args.dim_feedforward,
+        dropout=args.dropout,
+        normalize_before=args.pre_norm,
+        return_intermediate_dec=True,
+        attention=getattr(args, "attention", "sdpa"),
+    )
