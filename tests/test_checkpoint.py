@@ -1,0 +1,193 @@
+"""Atomic checkpoint writes, .prev copies, clear load errors, URL loading and --resume auto selection."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import logging
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from util.checkpoint import (
+    CheckpointError,
+    checkpoint_args_to_namespace,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_latest_checkpoint,
+    resume_position,
+    save_checkpoint,
+)
+
+BIG_NUMEL = 50 * 2**20 // 4  # ~50 MB of float32 per checkpoint
+
+
+def _payload(step: int, data: torch.Tensor) -> dict:
+    return {"step": step, "data": data, "args": argparse.Namespace(step=step)}
+
+
+def _check_consistent(ckpt: dict, tensors: list[torch.Tensor]) -> None:
+    """A checkpoint written by the kill loop: its data tensor is the one that goes with its step."""
+    expected = tensors[ckpt["step"] % len(tensors)]
+    assert ckpt["args"] == {"step": ckpt["step"]}
+    assert torch.equal(ckpt["data"], expected)
+
+
+def test_kill_during_save_never_corrupts(tmp_path):
+    """SIGKILL a process that saves ~50 MB checkpoints in a loop, at random moments: the file always loads."""
+    target = tmp_path / "checkpoint.pth"
+    # Created before fork so the children save them without computing anything (no OpenMP after fork).
+    tensors = [torch.full((BIG_NUMEL,), float(v)) for v in (1.0, 2.0, 3.0)]
+    save_checkpoint(_payload(0, tensors[0]), target)
+    rng = random.Random(0)
+    start_step = 1
+    deadline = time.monotonic() + 8.0
+    kills = 0
+    while kills < 6 or time.monotonic() < deadline:
+        if kills >= 40:
+            break
+        pid = os.fork()
+        if pid == 0:  # child: save forever until killed
+            try:
+                step = start_step
+                while True:
+                    save_checkpoint(_payload(step, tensors[step % len(tensors)]), target)
+                    step += 1
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        kills += 1
+        ckpt = load_checkpoint(target)
+        _check_consistent(ckpt, tensors)
+        prev = target.with_name("checkpoint.pth.prev")
+        if prev.exists():
+            _check_consistent(load_checkpoint(prev), tensors)
+        start_step = ckpt["step"] + 1
+    assert start_step > 3, "the child never completed a save: the loop did not exercise replacement"
+    # Only the two checkpoint files and at most one killed temporary remain; the next save cleans up.
+    save_checkpoint(_payload(start_step, tensors[start_step % 3]), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "checkpoint.pth.prev"]
+
+
+def test_prev_keeps_the_previous_version(tmp_path):
+    target = tmp_path / "sub" / "checkpoint.pth"
+    save_checkpoint({"model": {"w": torch.zeros(2)}, "epoch": 0}, target)
+    assert not target.with_name("checkpoint.pth.prev").exists()
+    save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 1}, target)
+    save_checkpoint({"model": {"w": torch.full((2,), 2.0)}, "epoch": 2}, target)
+    assert load_checkpoint(target)["epoch"] == 2
+    prev = load_checkpoint(str(target) + ".prev")
+    assert prev["epoch"] == 1 and torch.equal(prev["model"]["w"], torch.ones(2))
+
+
+def test_saved_args_are_a_plain_dict(tmp_path):
+    args = argparse.Namespace(lr=1e-4, lr_drop=200, output_dir="x")
+    target = tmp_path / "checkpoint.pth"
+    save_checkpoint({"args": args, "epoch": 3}, target)
+    raw = torch.load(target, weights_only=True)  # no allow-list needed for this project's files
+    assert raw["args"] == {"lr": 1e-4, "lr_drop": 200, "output_dir": "x"}
+    assert checkpoint_args_to_namespace(raw["args"]) == args
+    assert isinstance(args, argparse.Namespace)  # the caller's object is not modified
+
+
+def test_missing_and_truncated_files_give_one_clear_line(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nothere\.pth: no such file"):
+        load_checkpoint(tmp_path / "nothere.pth")
+    target = tmp_path / "checkpoint.pth"
+    save_checkpoint({"model": {"w": torch.randn(1000)}}, target)
+    target.write_bytes(target.read_bytes()[:1500])
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pth is truncated or corrupt") as info:
+        load_checkpoint(target)
+    assert "\n" not in str(info.value)
+    (tmp_path / "list.pth").write_bytes(b"")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_checkpoint(tmp_path / "list.pth")
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """Serve tmp_path/'served' on localhost; yields (folder, base URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_url_is_downloaded_to_the_hub_cache_then_reused(http_folder, tmp_path, monkeypatch):
+    served, base = http_folder
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
+    weights = torch.randn(5, 3)
+    torch.save({"model": {"w": weights}}, served / "detr-tiny.pth")
+    ckpt = load_checkpoint(f"{base}/detr-tiny.pth")
+    assert torch.equal(ckpt["model"]["w"], weights)
+    assert (hub / "checkpoints" / "detr-tiny.pth").is_file()
+    (served / "detr-tiny.pth").unlink()  # a second load reads the cache, not the server
+    assert torch.equal(load_checkpoint(f"{base}/detr-tiny.pth")["model"]["w"], weights)
+    with pytest.raises(CheckpointError, match="download failed"):
+        load_checkpoint(f"{base}/absent.pth")
+    assert not (hub / "checkpoints" / "absent.pth").exists()
+
+
+def test_url_hash_prefix_is_checked_when_asked(http_folder, tmp_path, monkeypatch):
+    served, base = http_folder
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    torch.save({"model": {}}, served / "detr-r50-deadbeef.pth")
+    with pytest.raises(CheckpointError, match="download failed"):
+        load_checkpoint(f"{base}/detr-r50-deadbeef.pth", check_hash=True)
+    assert load_checkpoint(f"{base}/detr-r50-deadbeef.pth") == {"model": {}}
+
+
+def test_resume_position_convention():
+    assert resume_position({"epoch": 4}) == (5, 0)
+    assert resume_position({"epoch": 4, "iteration": 0}) == (5, 0)
+    assert resume_position({"epoch": 4, "iteration": 7}) == (5, 7)
+    assert resume_position({"epoch": -1, "iteration": 3}) == (0, 3)
+
+
+def test_resume_auto_picks_the_most_advanced_checkpoint(tmp_path):
+    assert find_resume_checkpoint(tmp_path / "absent") is None
+    assert find_resume_checkpoint(tmp_path) is None
+    save_checkpoint({"epoch": 0}, tmp_path / "checkpoint0000.pth")
+    save_checkpoint({"epoch": 2}, tmp_path / "checkpoint.pth")
+    save_checkpoint({"epoch": 2, "iteration": 5}, tmp_path / "checkpoint.pth")  # mid-epoch 3
+    save_checkpoint({"epoch": 1}, tmp_path / "checkpoint0001.pth")
+    (tmp_path / "checkpoint_best.pth").write_bytes(b"not considered")
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint.pth"
+    path, ckpt = load_latest_checkpoint(tmp_path)
+    assert path.name == "checkpoint.pth" and resume_position(ckpt) == (3, 5)
+
+
+def test_resume_auto_falls_back_when_the_newest_is_corrupt(tmp_path, caplog):
+    target = tmp_path / "checkpoint.pth"
+    save_checkpoint({"epoch": 1, "model": {"w": torch.randn(100)}}, target)
+    save_checkpoint({"epoch": 2, "model": {"w": torch.randn(100)}}, target)
+    save_checkpoint({"epoch": 0}, tmp_path / "checkpoint0000.pth")
+    target.write_bytes(target.read_bytes()[:-200])  # e.g. a disk problem after the save
+    with caplog.at_level(logging.WARNING, logger="util.checkpoint"):
+        path, ckpt = load_latest_checkpoint(tmp_path)
+    assert path.name == "checkpoint.pth.prev" and ckpt["epoch"] == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "checkpoint.pth is truncated or corrupt" in warnings[0]
+    assert "\n" not in warnings[0]
+    target.with_name("checkpoint.pth.prev").write_bytes(b"garbage")
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint0000.pth"
