@@ -6,6 +6,28 @@ The command line is the published one; flags after "new in this project" are add
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from util import distributed as dist_utils
+from util.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from util.config import ConfigError, apply_config, config_dict, dump_config, is_explicit, parse_args_with_config
+from util.logging import RunLogger, setup_console
+from util.misc import collate_fn
+from util.rng_state import capture_rng_state, restore_rng_state
+
+# models, datasets and engine are imported inside main(): get_args_parser() stays cheap and importable alone.
+log = logging.getLogger("detr")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -151,10 +173,332 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no_progress", action="store_true", help="disable tqdm progress bars")
 
 
-def main(args: argparse.Namespace) -> None:
-    """Train and/or evaluate DETR as described by ``args``."""
-    raise NotImplementedError("training loop: issue 4")
+# ------------------------------------------------------------------------------------------------ building
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW with the published two groups: transformer and heads at ``lr``, backbone at ``lr_backbone``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    param_dicts = [
+        {"params": [p for n, p in named if "backbone" not in n]},
+        {"params": [p for n, p in named if "backbone" in n], "lr": args.lr_backbone},
+    ]
+    return torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_data_loaders(args: argparse.Namespace, dataset_train, dataset_val, device: torch.device):
+    """(train loader or None, val loader, train sampler or None); the sampler is re-seeded every epoch."""
+    collate = functools.partial(collate_fn, size_divisibility=args.size_divisibility)
+    common = dict(
+        collate_fn=collate,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.num_workers > 0,
+    )
+    if args.distributed:
+        sampler_val = DistributedSampler(dataset_val, shuffle=False)
+    else:
+        sampler_val = SequentialSampler(dataset_val)
+    eval_batch_size = args.eval_batch_size or args.batch_size
+    loader_val = DataLoader(dataset_val, eval_batch_size, sampler=sampler_val, drop_last=False, **common)
+    if dataset_train is None:
+        return None, loader_val, None
+    if args.distributed:
+        sampler_train = DistributedSampler(dataset_train, seed=args.seed)
+    else:
+        sampler_train = RandomSampler(dataset_train, generator=torch.Generator())
+    batch_sampler = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    if len(batch_sampler) == 0:
+        raise ValueError(
+            f"the training set has {len(sampler_train)} images per process, fewer than --batch_size "
+            f"{args.batch_size}; lower --batch_size or add images"
+        )
+    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, **common)
+    return loader_train, loader_val, sampler_train
+
+
+def set_sampler_epoch(sampler, epoch: int, seed: int) -> None:
+    """Shuffle epoch ``epoch`` in a reproducible order (DistributedSampler: seed + epoch, as torch does)."""
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
+        sampler.generator.manual_seed(seed + epoch)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def load_weights(args: argparse.Namespace, model, optimizer, lr_scheduler, scaler) -> None:
+    """Apply --frozen_weights, --resume (path, https URL or 'auto') and --finetune to a fresh model."""
+    if args.frozen_weights:
+        model.detr.load_state_dict(load_checkpoint(args.frozen_weights)["model"])
+    resume = args.resume
+    if resume == "auto":
+        found = find_resume_checkpoint(args.output_dir) if args.output_dir else None
+        log.info("--resume auto: %s", f"continuing from {found}" if found else "no checkpoint yet, starting fresh")
+        resume = str(found) if found else ""
+    if resume:
+        ckpt = load_checkpoint(resume)
+        model.load_state_dict(ckpt["model"])
+        if not args.eval and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
+            optimizer.load_state_dict(ckpt["optimizer"])
+            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            _reconcile_schedule(args, ckpt, optimizer, lr_scheduler)
+            args.start_epoch = int(ckpt["epoch"]) + 1
+            if "scaler" in ckpt and scaler.is_enabled():
+                scaler.load_state_dict(ckpt["scaler"])
+            states = ckpt.get("rng_state")
+            if isinstance(states, list) and len(states) == dist_utils.get_world_size():
+                restore_rng_state(states[dist_utils.get_rank()])
+        log.info("resumed from %s (next epoch %d)", resume, args.start_epoch)
+    elif args.finetune:
+        from util.finetune import load_for_finetuning  # usage-side helper; only fine-tuning runs need it
+
+        load_for_finetuning(model, args.finetune)
+
+
+def _reconcile_schedule(args: argparse.Namespace, ckpt: dict, optimizer, lr_scheduler) -> None:
+    """A resumed optimizer/scheduler carries the checkpoint's lr and lr_drop: say so, or keep the new ones."""
+    old = ckpt.get("args")
+    old = vars(old) if isinstance(old, argparse.Namespace) else (old or {})
+    changed = [k for k in ("lr", "lr_backbone", "weight_decay", "lr_drop") if k in old and old[k] != getattr(args, k)]
+    if not changed:
+        return
+    if not args.keep_new_schedule:
+        diffs = ", ".join(f"{k}={old[k]} (command line {getattr(args, k)})" for k in changed)
+        log.warning("warning: resume keeps the checkpoint's %s; pass --keep_new_schedule to use the new values", diffs)
+        return
+    lr_scheduler.step_size = args.lr_drop
+    lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
+    decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
+    for group, base_lr in zip(optimizer.param_groups, lr_scheduler.base_lrs):
+        group["initial_lr"], group["lr"], group["weight_decay"] = base_lr, base_lr * decay, args.weight_decay
+    lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    log.info("--keep_new_schedule: using %s from the command line", ", ".join(changed))
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _write_eval_outputs(output_dir: Path | None, coco_evaluator, epoch: int | None) -> None:
+    """Published eval files: eval.pth (--eval) or eval/latest.pth and eval/NNN.pth every 50 epochs."""
+    if output_dir is None or coco_evaluator is None or "bbox" not in coco_evaluator.coco_eval:
+        return
+    names = [output_dir / "eval.pth"] if epoch is None else [output_dir / "eval" / "latest.pth"]
+    if epoch is not None and epoch % 50 == 0:
+        names.append(output_dir / "eval" / f"{epoch:03}.pth")
+    for name in names:
+        name.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(coco_evaluator.coco_eval["bbox"].eval, name)
+
+
+def _report_predictions(output_dir: Path | None, coco_evaluator) -> None:
+    """--eval: COCO results JSON per iou type and the per-category AP table."""
+    from datasets.coco_eval import format_per_category_table, per_category_ap
+
+    if coco_evaluator is None:
+        return
+    for iou_type, coco_eval in coco_evaluator.coco_eval.items():
+        table = format_per_category_table(per_category_ap(coco_eval))
+        log.info("per-category AP (%s, IoU 0.50:0.95):\n%s", iou_type, table)
+        if output_dir is not None:
+            path = coco_evaluator.dump_results(output_dir / "eval" / f"predictions_{iou_type}.json", iou_type)
+            (output_dir / "eval" / f"per_category_{iou_type}.txt").write_text(table + "\n", encoding="utf-8")
+            log.info("predictions (COCO results format): %s", path)
+
+
+def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args) -> dict[str, Any]:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "epoch": epoch,
+        "args": config_dict(args),
+        "rng_state": dist_utils.all_gather_object(capture_rng_state()),
+    }
+    if scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def _summary(stats: dict[str, Any]) -> str:
+    keys = [k for k in ("train_loss", "train_lr", "test_loss") if k in stats]
+    parts = [f"{k[:-5] if k.endswith('_loss') else k} {stats[k]:.4g}" for k in keys]
+    if "test_coco_eval_bbox" in stats:
+        parts.append(f"AP {stats['test_coco_eval_bbox'][0]:.3f}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line with ``--config`` applied (defaults < YAML < explicit flags)."""
+    return parse_args_with_config(get_args_parser(), argv)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and/or evaluate DETR as described by ``args``; returns the last evaluation's stats.
+
+    Raises:
+        SystemExit: training stopped on a non-finite loss (no checkpoint written for that epoch).
+    """
+    from engine import NonFiniteLossError
+
+    if not hasattr(args, "_explicit"):
+        apply_config(args, get_args_parser())  # a Namespace built in Python: apply its --config here
+    device = dist_utils.select_device(args.device, is_explicit(args, "device"), dist_utils.local_rank_from_env())
+    args.device = str(device)
+    dist_utils.init_distributed_mode(args, device)
+    setup_console(dist_utils.is_main_process())
+    try:
+        return _run(args, device)
+    except NonFiniteLossError as e:
+        raise SystemExit(f"error: training stopped: {e}; the last saved checkpoint is left as it was") from None
+    finally:
+        dist_utils.cleanup()
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    import datasets
+    import models
+    from engine import evaluate
+
+    if args.frozen_weights is not None and not args.masks:
+        raise ValueError("--frozen_weights is for the segmentation stage only: add --masks")
+    is_main = dist_utils.is_main_process()
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    _seed_everything(args.seed + dist_utils.get_rank())
+
+    args.num_classes = datasets.num_classes_for(args)
+    model, criterion, postprocessors = models.build_model(args)
+    model.to(device)
+    criterion.to(device)
+    model_without_ddp = model
+    if args.channels_last:
+        model_without_ddp.backbone.to(memory_format=torch.channels_last)
+    if args.compile:
+        model_without_ddp.backbone.compile()  # in place: state-dict keys are unchanged
+        model_without_ddp.transformer.compile()
+    if args.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    log.info("number of params: %d", n_parameters)
+
+    optimizer = build_optimizer(model_without_ddp, args)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    dataset_val = datasets.build_dataset("val", args)
+    dataset_train = None if args.eval else datasets.build_dataset("train", args)
+    loader_train, loader_val, sampler_train = build_data_loaders(args, dataset_train, dataset_val, device)
+    if args.dataset_file == "coco_panoptic":  # box AP is computed against the instance annotations
+        base_ds = datasets.get_coco_api_from_dataset(datasets.coco.build("val", args))
+    else:
+        base_ds = datasets.get_coco_api_from_dataset(dataset_val)
+    eval_batch_size = args.eval_batch_size or args.batch_size
+    if args.dilation and eval_batch_size > 1:
+        log.warning(
+            "warning: evaluating a dilated (DC5) model with batch size %d: padding lowers its AP (published "
+            "pitfall); use --eval_batch_size 1 for exact numbers",
+            eval_batch_size,
+        )
+
+    load_weights(args, model_without_ddp, optimizer, lr_scheduler, scaler)
+    if output_dir is not None and is_main:
+        dump_config(args, get_args_parser(), output_dir / "config.yaml")
+    logger = RunLogger(output_dir, enabled=is_main)
+    eval_kwargs = dict(
+        progress=not args.no_progress, max_iters=args.max_iters_per_epoch, amp=args.amp, eval_backend=args.eval_backend
+    )
+    if args.eval:
+        test_stats, coco_evaluator = evaluate(
+            model, criterion, postprocessors, loader_val, base_ds, device, args.output_dir, **eval_kwargs
+        )
+        if is_main:
+            _write_eval_outputs(output_dir, coco_evaluator, None)
+            _report_predictions(output_dir, coco_evaluator)
+            if output_dir is not None:
+                stats = {f"test_{k}": v for k, v in test_stats.items()}
+                (output_dir / "eval" / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
+        return test_stats
+    return _train(args, device, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+                  scaler, loader_train, loader_val, sampler_train, base_ds, logger, n_parameters)  # fmt: skip
+
+
+def _train(args, device, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
+           loader_train, loader_val, sampler_train, base_ds, logger, n_parameters) -> dict[str, Any]:  # fmt: skip
+    from datasets.coco_eval import STAT_NAMES
+    from engine import evaluate, train_one_epoch
+
+    is_main = dist_utils.is_main_process()
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    log.info("start training: epochs %d..%d, %d iterations each", args.start_epoch, args.epochs - 1, len(loader_train))
+    start = time.time()
+    test_stats: dict[str, Any] = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        epoch_start = time.time()
+        set_sampler_epoch(sampler_train, epoch, args.seed)
+        train_stats = train_one_epoch(
+            model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
+            logger=logger, max_iters=args.max_iters_per_epoch, progress=not args.no_progress, amp=args.amp,
+            scaler=scaler, skip_nonfinite=args.skip_nonfinite,
+        )  # fmt: skip
+        lr_scheduler.step()
+        if output_dir is not None:
+            paths = [output_dir / "checkpoint.pth"]
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:  # kept before each LR drop (published)
+                paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+            state = _checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args)
+            if is_main:
+                for path in paths:
+                    save_checkpoint(state, path)
+
+        log_stats: dict[str, Any] = {f"train_{k}": v for k, v in train_stats.items()}
+        if (epoch + 1) % max(args.eval_every, 1) == 0 or epoch == args.epochs - 1:
+            test_stats, coco_evaluator = evaluate(
+                model, criterion, postprocessors, loader_val, base_ds, device, args.output_dir,
+                progress=not args.no_progress, max_iters=args.max_iters_per_epoch, amp=args.amp,
+                eval_backend=args.eval_backend,
+            )  # fmt: skip
+            log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
+            if "coco_eval_bbox" in test_stats:
+                logger.scalars(dict(zip(STAT_NAMES, test_stats["coco_eval_bbox"])), step=epoch, prefix="test/bbox_")
+            if is_main:
+                _write_eval_outputs(output_dir, coco_evaluator, epoch)
+        log_stats.update(epoch=epoch, n_parameters=n_parameters)
+        logger.log_epoch(log_stats)
+        log.info("epoch %d: %s (%.1f s)", epoch, _summary(log_stats), time.time() - epoch_start)
+
+    log.info("training time %.1f s", time.time() - start)
+    if "coco_eval_bbox" in test_stats:
+        log.info("final COCO AP (IoU 0.50:0.95) on the validation set: %.3f", test_stats["coco_eval_bbox"][0])
+    if output_dir is not None:
+        log.info("log: %s", logger.log_path)
+        log.info("checkpoint: %s", output_dir / "checkpoint.pth")
+        log.info("TensorBoard: tensorboard --logdir %s", logger.tensorboard_dir)
+    logger.close()
+    return test_stats
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Command-line entry: user errors become one clear line instead of a traceback."""
+    from datasets.errors import DatasetError
+
+    try:
+        main(parse_args(argv))
+    except (ConfigError, CheckpointError, DatasetError, dist_utils.DeviceError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli()

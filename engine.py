@@ -1,0 +1,258 @@
+"""One training epoch and one evaluation pass (the loops; no file I/O except through the logger passed in)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from datasets.coco_eval import CocoEvaluator
+from util import distributed as dist_utils
+from util.logging import MetricTracker, RunLogger
+
+log = logging.getLogger("detr")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the caller stops without saving this epoch."""
+
+
+def autocast(device: torch.device, amp: str = "off") -> contextlib.AbstractContextManager:
+    """Mixed-precision context for the model forward ('off', 'bf16' or 'fp16')."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+
+
+def _to_float32(outputs: Any) -> Any:
+    """Cast floating tensors of a nested output structure to float32 (losses are computed in float32)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, Mapping):
+        return {k: _to_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_to_float32(v) for v in outputs)
+    return outputs
+
+
+def _targets_to(targets: Iterable[dict], device: torch.device) -> list[dict]:
+    return [
+        {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        for t in targets
+    ]
+
+
+def _loss_terms(loss_dict: Mapping[str, torch.Tensor], weight_dict: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Published logging names: weighted terms under their own name, every raw term as ``<name>_unscaled``."""
+    terms = {k: v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict}
+    terms.update({f"{k}_unscaled": v for k, v in loss_dict.items()})
+    return terms
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    max_norm: float = 0,
+    *,
+    logger: RunLogger | None = None,
+    max_iters: int | None = None,
+    progress: bool = True,
+    amp: str = "off",
+    scaler: torch.amp.GradScaler | None = None,
+    skip_nonfinite: int = 0,
+) -> dict[str, float]:
+    """Train for one pass over ``data_loader`` (at most ``max_iters`` batches).
+
+    Args:
+        max_norm: gradient clipping max norm (0 disables clipping; the norm is still logged).
+        logger: receives TensorBoard scalars per iteration under ``train/``.
+        progress: tqdm bar (loss, lr, ETA) on the main process.
+        amp: mixed precision of the forward pass; ``scaler`` (a GradScaler) is needed for 'fp16'.
+        skip_nonfinite: batches with a non-finite loss that may be skipped before stopping.
+
+    Returns:
+        Epoch means over all processes: 'loss', weighted loss terms, '<term>_unscaled', 'class_error',
+        'lr', 'grad_norm' (the published log names).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (naming the offending terms).
+    """
+    model.train()
+    criterion.train()
+    tracker = MetricTracker()
+    n_iters = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    bar = tqdm(
+        total=n_iters,
+        desc=f"Epoch {epoch}",
+        disable=not (progress and dist_utils.is_main_process()),
+        dynamic_ncols=True,
+        leave=False,
+    )
+    skipped = 0
+    tic = time.perf_counter()
+    for i, (samples, targets) in enumerate(itertools.islice(data_loader, n_iters)):
+        data_time = time.perf_counter() - tic
+        samples = samples.to(device, non_blocking=True)
+        targets = _targets_to(targets, device)
+        with autocast(device, amp):
+            outputs = model(samples)
+        loss_dict = criterion(_to_float32(outputs), targets)
+        weight_dict = criterion.weight_dict
+        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+        # Reduced values are identical on every process, so all of them stop (or skip) together.
+        reduced = dist_utils.reduce_dict(loss_dict)
+        terms = _loss_terms(reduced, weight_dict)
+        loss_value = sum(v for k, v in terms.items() if k in weight_dict).item()
+        if not math.isfinite(loss_value):
+            bad = ", ".join(f"{k}={v.item()}" for k, v in reduced.items() if not math.isfinite(v.item()))
+            message = f"non-finite loss {loss_value} at epoch {epoch}, iteration {i} ({bad or 'weighted sum'})"
+            optimizer.zero_grad(set_to_none=True)
+            if skipped < skip_nonfinite:
+                skipped += 1
+                log.warning(
+                    "warning: %s; skipping this batch (%d of --skip_nonfinite %d)", message, skipped, skip_nonfinite
+                )
+                continue
+            bar.close()
+            raise NonFiniteLossError(message)
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(losses).backward()
+            scaler.unscale_(optimizer)
+        else:
+            losses.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+        lr = optimizer.param_groups[0]["lr"]
+        iter_time = time.perf_counter() - tic
+        batch = len(targets)
+        tracker.update(n=batch, loss=loss_value, **terms)
+        tracker.update(lr=lr, grad_norm=grad_norm.item(), iter_time=iter_time, data_time=data_time)
+        if "class_error" in reduced:
+            tracker.update(n=batch, class_error=reduced["class_error"])
+        if logger is not None:
+            scalars = {"loss": loss_value, **{k: v for k, v in terms.items() if k in weight_dict}}
+            scalars.update(lr=lr, grad_norm=grad_norm.item(), iter_time=iter_time, data_time=data_time)
+            logger.scalars(scalars, step=epoch * n_iters + i, prefix="train/")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+        bar.update()
+        tic = time.perf_counter()
+    bar.close()
+    tracker.synchronize()
+    return tracker.means()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    criterion: nn.Module | None,
+    postprocessors: Mapping[str, nn.Module],
+    data_loader: Iterable,
+    base_ds: Any,
+    device: torch.device,
+    output_dir: str,
+    *,
+    progress: bool = True,
+    max_iters: int | None = None,
+    amp: str = "off",
+    eval_backend: str = "pycocotools",
+    verbose: bool = True,
+) -> tuple[dict[str, Any], CocoEvaluator | None]:
+    """Evaluate on ``data_loader``: losses, and COCO metrics against ``base_ds`` (a pycocotools COCO).
+
+    Predictions are post-processed to each image's ORIGINAL size ('orig_size' target, (h, w)).
+
+    Returns:
+        (stats, coco_evaluator): stats holds loss means, 'coco_eval_bbox' (the 12 COCO numbers),
+        'coco_eval_masks' with 'segm', and 'PQ_all'/'PQ_th'/'PQ_st' with a panoptic post-processor.
+    """
+    model.eval()
+    if criterion is not None:
+        criterion.eval()
+    tracker = MetricTracker()
+    iou_types = tuple(k for k in ("segm", "bbox") if k in postprocessors)
+    coco_evaluator = None
+    if base_ds is not None and iou_types:
+        coco_evaluator = CocoEvaluator(base_ds, iou_types, backend=eval_backend)
+    panoptic_evaluator = None
+    if "panoptic" in postprocessors:
+        from datasets.panoptic_eval import PanopticEvaluator  # only panoptic runs need it
+
+        panoptic_evaluator = PanopticEvaluator(
+            data_loader.dataset.ann_file,
+            data_loader.dataset.ann_folder,
+            output_dir=os.path.join(output_dir, "panoptic_eval"),
+        )
+
+    n_iters = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
+    show = progress and dist_utils.is_main_process()
+    for samples, targets in tqdm(
+        itertools.islice(data_loader, n_iters), total=n_iters, desc="Test", disable=not show, leave=False
+    ):
+        samples = samples.to(device, non_blocking=True)
+        targets = _targets_to(targets, device)
+        with autocast(device, amp):
+            outputs = model(samples)
+        outputs = _to_float32(outputs)
+        if criterion is not None:
+            reduced = dist_utils.reduce_dict(criterion(outputs, targets))
+            terms = _loss_terms(reduced, criterion.weight_dict)
+            loss = sum(v for k, v in terms.items() if k in criterion.weight_dict)
+            tracker.update(n=len(targets), loss=loss, **terms)
+            if "class_error" in reduced:
+                tracker.update(n=len(targets), class_error=reduced["class_error"])
+
+        orig_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        results = postprocessors["bbox"](outputs, orig_sizes)
+        if "segm" in postprocessors:
+            sizes = torch.stack([t["size"] for t in targets], dim=0)
+            results = postprocessors["segm"](results, outputs, orig_sizes, sizes)
+        if coco_evaluator is not None:
+            coco_evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, results)})
+        if panoptic_evaluator is not None:
+            sizes = torch.stack([t["size"] for t in targets], dim=0)
+            panoptic = postprocessors["panoptic"](outputs, sizes, orig_sizes)
+            for t, p in zip(targets, panoptic):
+                image_id = int(t["image_id"].item())
+                p["image_id"] = image_id
+                p["file_name"] = f"{image_id:012d}.png"
+            panoptic_evaluator.update(panoptic)
+
+    tracker.synchronize()
+    stats: dict[str, Any] = tracker.means()
+    if coco_evaluator is not None:
+        coco_evaluator.synchronize_between_processes()
+        coco_evaluator.accumulate()
+        coco_evaluator.summarize(verbose=verbose and dist_utils.is_main_process())
+        if "bbox" in iou_types:
+            stats["coco_eval_bbox"] = coco_evaluator.stats("bbox")
+        if "segm" in iou_types:
+            stats["coco_eval_masks"] = coco_evaluator.stats("segm")
+    if panoptic_evaluator is not None:
+        panoptic_evaluator.synchronize_between_processes()
+        pq = panoptic_evaluator.summarize()
+        if pq is not None:
+            stats["PQ_all"], stats["PQ_th"], stats["PQ_st"] = pq["All"], pq["Things"], pq["Stuff"]
+    return stats, coco_evaluator

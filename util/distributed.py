@@ -1,0 +1,178 @@
+"""Process-group set-up (torchrun or SLURM), device choice, and the few collectives training needs.
+
+Every helper also works without an initialised process group (one process): reductions return their input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import re
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("detr")
+
+
+class DeviceError(RuntimeError):
+    """The requested device is not available on this machine."""
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def select_device(requested: str, explicit: bool, local_rank: int = 0) -> torch.device:
+    """Resolve ``--device``: the default 'cuda' falls back to MPS, then CPU, with one warning.
+
+    Args:
+        requested: 'cuda', 'cuda:N', 'mps' or 'cpu'.
+        explicit: whether the user asked for this device (command line or config); an explicit device
+            that is missing is an error instead of a fall-back.
+        local_rank: process index on this node; picks the GPU for 'cuda' without an index.
+
+    Raises:
+        DeviceError: an explicitly requested device is unavailable.
+    """
+    kind = requested.split(":")[0]
+    if kind == "cuda":
+        if torch.cuda.is_available():
+            return torch.device(requested if ":" in requested else f"cuda:{local_rank % torch.cuda.device_count()}")
+        if explicit:
+            raise DeviceError(
+                f"--device {requested} was requested but CUDA is not available (torch {torch.__version__}); "
+                "pass --device cpu (or mps), or omit --device to fall back automatically"
+            )
+        fallback = "mps" if _mps_available() else "cpu"
+        log.warning("warning: CUDA is not available; using --device %s instead (pass --device to choose)", fallback)
+        return torch.device(fallback)
+    if kind == "mps" and not _mps_available():
+        raise DeviceError("--device mps was requested but MPS is not available; pass --device cpu")
+    return torch.device(requested)
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host name of a SLURM node list such as 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        return nodelist
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _env_ranks() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from torchrun or SLURM variables, or None outside a launcher."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        # env:// needs a rendezvous address; the first node of the allocation is the same for every task.
+        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", ""))))
+        env.setdefault("MASTER_PORT", "29500")
+        env.setdefault("RANK", str(rank))
+        env.setdefault("WORLD_SIZE", str(world))
+        return rank, world, int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def local_rank_from_env() -> int:
+    """This process's index on its node (0 outside a launcher)."""
+    ranks = _env_ranks()
+    return 0 if ranks is None else ranks[2]
+
+
+def init_distributed_mode(args: argparse.Namespace, device: torch.device) -> None:
+    """Join the process group described by the environment; sets args.distributed/rank/world_size/gpu.
+
+    nccl on CUDA, gloo otherwise; collectives fail after ``args.dist_timeout`` minutes instead of hanging.
+    One process (no launcher variables, or a world of 1) leaves torch.distributed uninitialised.
+    """
+    ranks = _env_ranks()
+    if ranks is None or ranks[1] <= 1:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        return
+    args.rank, args.world_size, args.gpu = ranks
+    args.distributed = True
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 10)))
+    dist.init_process_group(
+        backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, timeout=timeout
+    )
+    log.info("| distributed init (rank %d of %d, %s): %s", args.rank, args.world_size, backend, args.dist_url)
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op when none)."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """Only this process writes files and prints progress."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over processes (a new tensor; the input is returned unchanged with one process)."""
+    if get_world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out / get_world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over processes (a new tensor with several processes)."""
+    if get_world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def reduce_dict(values: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
+    """All-reduce a dict of scalar tensors (same keys on every process) in one collective; detached."""
+    if get_world_size() == 1:
+        return {k: v.detach() for k, v in values.items()}
+    names = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in names])
+    dist.all_reduce(stacked)
+    if average:
+        stacked /= get_world_size()
+    return dict(zip(names, stacked))
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Gather any picklable object from every process; a one-element list with one process."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
