@@ -1,0 +1,313 @@
+"""Run a trained DETR on images: COCO-results JSON and PNGs with the detections drawn.
+
+Examples:
+    python predict.py --checkpoint outputs/checkpoint.pth images/ extra/*.jpg --output_dir predictions
+    python predict.py --checkpoint https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth photo.jpg \
+        --threshold 0.9 --attention_maps
+
+The model is rebuilt from the checkpoint alone: its stored training arguments (missing ones take the
+defaults of ``main.get_args_parser``) with the architecture read from the state-dict shapes, so any
+checkpoint of this project or a published one loads with strict=True.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+from torchvision.utils import draw_bounding_boxes
+from tqdm import tqdm
+
+from util.checkpoint import CheckpointError, checkpoint_args_to_namespace, load_checkpoint
+from util.class_names import class_name, resolve_class_names
+from util.misc import nested_tensor_from_tensor_list
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Published evaluation size: short side 800, long side at most 1333 (both times --input_scale).
+EVAL_SHORT_SIDE, EVAL_MAX_SIDE = 800, 1333
+
+
+# ---------------------------------------------------------------------------------------- the model
+
+
+def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Architecture flags implied by a DETR (or DETRsegm) state dict's keys and shapes.
+
+    Returns:
+        Values for num_classes, num_queries, hidden_dim, dim_feedforward, enc_layers, dec_layers, pre_norm,
+        masks, position_embedding and backbone (None where the keys do not say, e.g. an unknown ResNet).
+    """
+    prefix = "detr." if any(k.startswith("detr.") for k in state) else ""
+    if f"{prefix}class_embed.weight" not in state or f"{prefix}query_embed.weight" not in state:
+        raise ValueError("state dict has no class_embed/query_embed: not a DETR checkpoint")
+
+    def count_layers(stack: str) -> int:
+        head = f"{prefix}transformer.{stack}.layers."
+        return len({k[len(head) :].split(".")[0] for k in state if k.startswith(head)})
+
+    body = f"{prefix}backbone.0.body."
+    bottleneck = f"{body}layer1.0.conv3.weight" in state
+    layer3 = f"{body}layer3."
+    layer3_blocks = len({k[len(layer3) :].split(".")[0] for k in state if k.startswith(layer3)})
+    backbones = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+    query = state[f"{prefix}query_embed.weight"]
+    return {
+        "num_classes": state[f"{prefix}class_embed.weight"].shape[0] - 1,
+        "num_queries": query.shape[0],
+        "hidden_dim": query.shape[1],
+        "dim_feedforward": state[f"{prefix}transformer.encoder.layers.0.linear1.weight"].shape[0]
+        if f"{prefix}transformer.encoder.layers.0.linear1.weight" in state
+        else state[f"{prefix}transformer.decoder.layers.0.linear1.weight"].shape[0],
+        "enc_layers": count_layers("encoder"),
+        "dec_layers": count_layers("decoder"),
+        "pre_norm": f"{prefix}transformer.encoder.norm.weight" in state,
+        "masks": bool(prefix),
+        "position_embedding": "learned" if f"{prefix}backbone.1.row_embed.weight" in state else "sine",
+        "backbone": backbones.get((bottleneck, layer3_blocks)),
+    }
+
+
+def model_args_from_checkpoint(checkpoint: Mapping[str, Any], device: str = "cpu") -> argparse.Namespace:
+    """Arguments that rebuild the checkpoint's model: parser defaults < stored 'args' < state-dict shapes.
+
+    The backbone is built without downloading ImageNet weights (the checkpoint holds them).
+    """
+    from main import get_args_parser
+
+    args = get_args_parser().parse_args([])
+    stored = checkpoint_args_to_namespace(checkpoint.get("args"))
+    if stored is not None:
+        vars(args).update(vars(stored))
+    if "model" not in checkpoint or not isinstance(checkpoint["model"], Mapping):
+        raise ValueError("checkpoint has no 'model' state dict")
+    for key, value in infer_architecture(checkpoint["model"]).items():
+        if value is not None:
+            setattr(args, key, value)
+    args.backbone_weights = "none"
+    args.device = device
+    args.frozen_weights = None
+    args.resume = ""
+    args.finetune = None
+    return args
+
+
+def load_model(
+    checkpoint_path: str, device: str = "cpu", checkpoint: Mapping | None = None
+) -> tuple[nn.Module, dict[str, nn.Module], argparse.Namespace, Mapping]:
+    """Build the checkpoint's model in eval mode on ``device`` and load its weights (strict).
+
+    Returns:
+        (model, postprocessors, args, checkpoint dict).
+    """
+    from models import build_model
+
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
+    args = model_args_from_checkpoint(checkpoint, device=device)
+    model, _, postprocessors = build_model(args)
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0:3]
+        raise ValueError(f"{checkpoint_path}: weights do not fit the rebuilt model ({' '.join(first)})") from None
+    return model.to(device).eval(), postprocessors, args, checkpoint
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+def find_images(inputs: Iterable[str]) -> list[Path]:
+    """Expand files, folders (recursively, image suffixes only) and glob patterns; keep order, drop duplicates."""
+    found: dict[Path, None] = {}
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise FileNotFoundError(f"{item}: no image file, folder or glob match")
+        found.update(dict.fromkeys(matches))
+    return list(found)
+
+
+def eval_size(width: int, height: int, input_scale: float = 1.0) -> tuple[int, int]:
+    """(height, width) after the published evaluation resize (short side 800, long side <= 1333, scaled)."""
+    size = int(round(EVAL_SHORT_SIDE * input_scale))
+    max_size = int(round(EVAL_MAX_SIDE * input_scale))
+    short, long = min(width, height), max(width, height)
+    if long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if short == size:
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def eval_transform(image: Image.Image, input_scale: float = 1.0) -> Tensor:
+    """PIL RGB image -> normalised [3, H, W] float tensor at the evaluation size."""
+    resized = TF.resize(image, list(eval_size(image.width, image.height, input_scale)))
+    return TF.normalize(TF.to_tensor(resized), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Open ``path`` as RGB, with a clear error for unreadable files."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"{path}: cannot read the image ({err}); remove it or fix the file") from None
+
+
+# ---------------------------------------------------------------------------------------- prediction
+
+
+@torch.no_grad()
+def predict_batch(
+    model: nn.Module, postprocessor: nn.Module, images: Sequence[Image.Image], device: str, input_scale: float = 1.0
+) -> list[dict[str, Tensor]]:
+    """Detections for PIL images: per image 'scores' [Q], 'labels' [Q], 'boxes' [Q, 4] x0y0x1y1 in original pixels."""
+    tensors = [eval_transform(image, input_scale).to(device) for image in images]
+    outputs = model(nested_tensor_from_tensor_list(tensors))
+    sizes = torch.tensor([[image.height, image.width] for image in images], device=device)
+    return [{k: v.cpu() for k, v in r.items()} for r in postprocessor(outputs, sizes)]
+
+
+def to_coco_results(image_id: int, file_name: str, detections: Mapping[str, Tensor], names: Mapping) -> list[dict]:
+    """COCO results entries (bbox as x, y, width, height in pixels) for one image's kept detections."""
+    entries = []
+    for score, label, (x0, y0, x1, y1) in zip(
+        detections["scores"].tolist(), detections["labels"].tolist(), detections["boxes"].tolist()
+    ):
+        entries.append(
+            {
+                "image_id": image_id,
+                "file_name": file_name,
+                "category_id": int(label),
+                "category_name": class_name(names, label),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": score,
+            }
+        )
+    return entries
+
+
+def draw_detections(image: Image.Image, detections: Mapping[str, Tensor], names: Mapping) -> Tensor:
+    """uint8 [3, H, W] image with boxes, class names and scores drawn (one colour per class)."""
+    canvas = TF.pil_to_tensor(image)
+    if len(detections["boxes"]) == 0:
+        return canvas
+    labels = [f"{class_name(names, lab)} {s:.2f}" for lab, s in zip(detections["labels"], detections["scores"])]
+    palette = ["red", "lime", "blue", "yellow", "cyan", "magenta", "orange", "white"]
+    colors = [palette[int(lab) % len(palette)] for lab in detections["labels"]]
+    width = max(2, round(max(image.size) / 300))
+    return draw_bounding_boxes(canvas, detections["boxes"], labels=labels, colors=colors, width=width)
+
+
+def _unique_stems(paths: Sequence[Path]) -> list[str]:
+    """Output names: the file stem, suffixed _1, _2 ... when several inputs share it."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        stems.append(path.stem if count == 0 else f"{path.stem}_{count}")
+    return stems
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Predict on every input image; write predictions.json (and PNGs) into args.output_dir; return the results."""
+    images = find_images(args.inputs)
+    model, postprocessors, model_args, checkpoint = load_model(args.checkpoint, device=args.device)
+    names = resolve_class_names(checkpoint, model_args.num_classes, args.categories)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(images)
+    results: list[dict] = []
+    progress = tqdm(total=len(images), desc="predict", unit="img", disable=args.no_progress)
+    for start in range(0, len(images), args.batch_size):
+        paths = images[start : start + args.batch_size]
+        pil_images = [open_rgb(p) for p in paths]
+        batch = predict_batch(model, postprocessors["bbox"], pil_images, args.device, model_args.input_scale)
+        for offset, (path, image, detections) in enumerate(zip(paths, pil_images, batch)):
+            keep = detections["scores"] > args.threshold
+            kept = {k: v[keep] for k, v in detections.items()}
+            image_id = start + offset
+            results.extend(to_coco_results(image_id, str(path), kept, names))
+            if not args.no_images:
+                drawn = draw_detections(image, kept, names)
+                TF.to_pil_image(drawn).save(output_dir / f"{stems[image_id]}.png")
+            if args.attention_maps:
+                from tools.visualize_attention import save_attention_maps
+
+                save_attention_maps(
+                    model,
+                    image,
+                    output_dir / f"{stems[image_id]}_attention.png",
+                    threshold=args.threshold,
+                    input_scale=model_args.input_scale,
+                    names=names,
+                    points=args.encoder_points,
+                )
+        progress.update(len(paths))
+    progress.close()
+    json_path = output_dir / "predictions.json"
+    json_path.write_text(json.dumps(results, indent=1))
+    print(f"{len(results)} detections above {args.threshold} in {len(images)} images -> {json_path}")
+    return results
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line flags of predict.py."""
+    parser = argparse.ArgumentParser("DETR prediction", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
+    parser.add_argument("--output_dir", default="predictions", help="where predictions.json and the PNGs go")
+    parser.add_argument("--threshold", type=float, default=0.7, help="keep detections with a higher score")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--categories", default=None, help="JSON with category names (COCO annotation file or list)")
+    parser.add_argument("--no_images", action="store_true", help="write predictions.json only")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--attention_maps",
+        action="store_true",
+        help="also write <image>_attention.png: decoder attention per detection and encoder self-attention",
+    )
+    parser.add_argument(
+        "--encoder_points",
+        nargs="+",
+        default=None,
+        metavar="X,Y",
+        help="image pixels whose encoder self-attention to show (default: the detected box centres)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    """Entry point; bad input exits with a one-line error."""
+    args = get_args_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit("error: --batch_size must be at least 1")
+    if not 0.0 <= args.threshold < 1.0:
+        raise SystemExit(f"error: --threshold must be in [0, 1), got {args.threshold}")
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""predict.py: checkpoint -> rebuilt model -> COCO-results JSON and PNGs that match the model's outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from conftest import parse_tiny_args
+from PIL import Image
+
+import predict
+from models import build_model
+from util.checkpoint import save_checkpoint
+from util.class_names import COCO_CLASSES, resolve_class_names
+from util.misc import nested_tensor_from_tensor_list
+
+SIZES = [(64, 48), (40, 72), (56, 56)]  # (width, height)
+
+
+def _images(folder, color=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    generator = torch.Generator().manual_seed(1)
+    for index, (width, height) in enumerate(SIZES):
+        if color is None:
+            pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+            image = Image.fromarray(pixels.numpy())
+        else:
+            image = Image.new("RGB", (width, height), color)
+        path = folder / f"img{index}.{'png' if index % 2 else 'jpg'}"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def _checkpoint(tmp_path, *flags, name="ckpt.pth", plant=None, **extra):
+    args = parse_tiny_args("--input_scale", "0.1", *flags)
+    model = build_model(args)[0]
+    if plant is not None:
+        plant(model)
+    path = tmp_path / name
+    save_checkpoint({"model": model.state_dict(), "args": vars(args), **extra}, path)
+    return path, model.eval(), args
+
+
+def test_eval_size_follows_the_published_rule():
+    # short side 80 (800 * 0.1), long side capped at 133 (1333 * 0.1)
+    assert predict.eval_size(64, 48, 0.1) == (80, 106)
+    # 72 / 40 * 80 = 144 > 133: short side becomes round(133 * 40 / 72) = 74, long int(74 * 72 / 40) = 133
+    assert predict.eval_size(40, 72, 0.1) == (133, 74)
+    # short side round(133 * 40 / 200) = 27, long int(27 * 200 / 40) = 135 (the published rounding)
+    assert predict.eval_size(40, 200, 0.1) == (135, 27)
+    assert predict.eval_size(1000, 800, 1.0) == (800, 1000)  # short side already 800: unchanged
+    assert tuple(predict.eval_transform(Image.new("RGB", (64, 48)), 0.1).shape) == (3, 80, 106)
+
+
+def test_predictions_json_matches_the_model_outputs(tmp_path):
+    ckpt, model, args = _checkpoint(tmp_path)
+    paths = _images(tmp_path / "images")
+    out = tmp_path / "out"
+    results = predict.main(
+        [
+            str(tmp_path / "images"),
+            "--checkpoint",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            "--threshold",
+            "0.0",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "2",
+            "--no_progress",
+        ]
+    )
+    assert json.loads((out / "predictions.json").read_text()) == results
+    assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
+    for path, (width, height) in zip(paths, SIZES):
+        with Image.open(out / f"{path.stem}.png") as drawn:
+            assert drawn.size == (width, height)
+
+    # Independent oracle: same batches through the model, boxes scaled by hand to original pixels.
+    expected = []
+    for start in range(0, len(paths), 2):
+        batch = paths[start : start + 2]
+        images = [Image.open(p).convert("RGB") for p in batch]
+        with torch.no_grad():
+            outputs = model(nested_tensor_from_tensor_list([predict.eval_transform(im, 0.1) for im in images]))
+        probs = outputs["pred_logits"].softmax(-1)[..., :-1]
+        for offset, (path, image) in enumerate(zip(batch, images)):
+            for query in range(args.num_queries):
+                score, label = probs[offset, query].max(-1)
+                cx, cy, w, h = outputs["pred_boxes"][offset, query].tolist()
+                x0, y0 = (cx - w / 2) * image.width, (cy - h / 2) * image.height
+                expected.append(
+                    (start + offset, str(path), int(label), [x0, y0, w * image.width, h * image.height], float(score))
+                )
+    assert len(results) == len(expected) == len(paths) * args.num_queries
+    for result, (image_id, file_name, label, bbox, score) in zip(results, expected):
+        assert (result["image_id"], result["file_name"], result["category_id"]) == (image_id, file_name, label)
+        assert result["category_name"] == COCO_CLASSES[label]
+        assert result["bbox"] == pytest.approx(bbox, abs=1e-3)
+        assert result["score"] == pytest.approx(score, abs=1e-5)
+
+
+def _plant_center_box(model):
+    """Every query predicts class 1 with score e^2 / (e^2 + 3) and the box (cx, cy, w, h) = (.5, .5, .5, .5)."""
+    with torch.no_grad():
+        model.class_embed.weight.zero_()
+        model.class_embed.bias.zero_()
+        model.class_embed.bias[1] = 2.0
+        last = model.bbox_embed.layers[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[2:] = math.log(0.5 / 0.5)  # sigmoid(0) = 0.5
+
+
+def test_drawn_png_and_class_names_from_checkpoint(tmp_path):
+    ckpt, _, _ = _checkpoint(
+        tmp_path, "--num_classes", "3", plant=_plant_center_box, class_names=["background", "cat", "dog"]
+    )
+    paths = _images(tmp_path / "gray", color=(128, 128, 128))
+    out = tmp_path / "out"
+    results = predict.main(
+        [
+            str(paths[0]),
+            "--checkpoint",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--threshold",
+            "0.7",
+            "--no_progress",
+        ]
+    )
+    assert len(results) == 10 and {r["category_name"] for r in results} == {"cat"}
+    score = math.exp(2) / (math.exp(2) + 3)
+    assert [r["score"] for r in results] == pytest.approx([score] * 10, abs=1e-6)
+    width, height = SIZES[0]
+    for result in results:
+        assert result["bbox"] == pytest.approx([width / 4, height / 4, width / 2, height / 2], abs=1e-3)
+    with Image.open(out / "img0.png") as drawn:
+        pixels = drawn.convert("RGB")
+        # The box's left edge (x = 16, mid-height) carries the class-1 colour; the box centre stays gray.
+        assert pixels.getpixel((width // 4, height // 2)) == (0, 255, 0)
+        assert pixels.getpixel((width // 2, height // 2 + 4)) == (128, 128, 128)
+
+    # Above every score: nothing kept.
+    results = predict.main(
+        [
+            str(paths[0]),
+            "--checkpoint",
+            str(ckpt),
+            "--output_dir",
+            str(tmp_path / "none"),
+            "--device",
+            "cpu",
+            "--threshold",
+            "0.72",
+            "--no_progress",
+        ]
+    )
+    assert results == []
+
+
+def test_published_style_checkpoint_rebuilds(tmp_path):
+    """Published files store an argparse.Namespace without this project's flags; shapes decide the rest."""
+    args = parse_tiny_args("--num_queries", "7", "--position_embedding", "learned", "--pre_norm")
+    model = build_model(args)[0]
+    published = argparse.Namespace(
+        **{
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("backbone_weights", "attention", "num_classes", "input_scale")
+        }
+    )
+    published.hidden_dim = 999  # a wrong stored value: the state dict wins
+    path = tmp_path / "published.pth"
+    torch.save({"model": model.state_dict(), "args": published}, path)
+    loaded, _, margs, _ = predict.load_model(str(path))
+    assert (margs.num_queries, margs.hidden_dim, margs.pre_norm, margs.position_embedding) == (7, 32, True, "learned")
+    assert margs.backbone_weights == "none" and margs.num_classes == 91
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_class_name_resolution(tmp_path):
+    cats = tmp_path / "cats.json"
+    cats.write_text(json.dumps({"categories": [{"id": 1, "name": "widget"}, {"id": 2, "name": "gadget"}]}))
+    assert resolve_class_names(None, 3, str(cats)) == {1: "widget", 2: "gadget"}
+    assert resolve_class_names({"categories": {"1": "a"}}, 3) == {1: "a"}
+    assert resolve_class_names(None, 91)[1] == "person" and len(COCO_CLASSES) == 91
+    assert sum(name != "N/A" for name in COCO_CLASSES) == 80
+    assert resolve_class_names(None, 5) == {}
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json: category entry 0"):
+        resolve_class_names(None, 3, str(bad))
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    ckpt, _, _ = _checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match="nothing_here.*no image file"):
+        predict.main([str(tmp_path / "nothing_here"), "--checkpoint", str(ckpt)])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="broken.jpg: cannot read the image"):
+        predict.main(
+            [
+                str(broken),
+                "--checkpoint",
+                str(ckpt),
+                "--device",
+                "cpu",
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--no_progress",
+            ]
+        )
+    with pytest.raises(SystemExit, match="missing.pth"):
+        predict.main([str(broken), "--checkpoint", str(tmp_path / "missing.pth")])
