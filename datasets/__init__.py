@@ -1,0 +1,76 @@
+"""Datasets: ``build_dataset(image_set, args)``, ``get_coco_api_from_dataset``, ``num_classes_for``.
+
+--dataset_file: 'coco' (a COCO-format folder via --coco_path or the explicit path flags; without any, the
+generated synthetic dataset), 'synthetic' (always the generated dataset) or 'coco_panoptic'.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from datasets import coco
+from datasets.coco_io import load_coco_json, max_category_id
+from datasets.errors import DatasetError
+
+__all__ = ["DatasetError", "build_dataset", "get_coco_api_from_dataset", "num_classes_for"]
+
+DATASET_FILES = ("coco", "synthetic", "coco_panoptic")
+# Classifier size when args.num_classes is None: the published values (models fall back to the same).
+_DEFAULT_NUM_CLASSES = {"coco": 91, "synthetic": 91, "coco_panoptic": 250}
+
+
+def get_coco_api_from_dataset(dataset: Any) -> Any:
+    """The pycocotools ``COCO`` index behind ``dataset`` (``torch.utils.data.Subset`` wrappers unwrapped).
+
+    Returns None for a dataset without one, as published.
+    """
+    for _ in range(10):
+        if not isinstance(dataset, torch.utils.data.Subset):
+            break
+        dataset = dataset.dataset
+    return getattr(dataset, "coco", None)
+
+
+def _check_dataset_file(args: argparse.Namespace) -> None:
+    if args.dataset_file not in DATASET_FILES:
+        raise DatasetError(f"--dataset_file {args.dataset_file!r} is not supported; use one of {DATASET_FILES}")
+
+
+def num_classes_for(args: argparse.Namespace) -> int:
+    """Classifier size: --num_classes if given; 250 for coco_panoptic (published); else the largest category
+    id of the training annotation file + 1 (91 for COCO)."""
+    if getattr(args, "num_classes", None) is not None:
+        return int(args.num_classes)
+    _check_dataset_file(args)
+    if args.dataset_file == "coco_panoptic":
+        return _DEFAULT_NUM_CLASSES["coco_panoptic"]
+    _, ann_file = coco.coco_paths("train", args)
+    return max_category_id(load_coco_json(ann_file), ann_file) + 1
+
+
+def build_dataset(image_set: str, args: argparse.Namespace) -> torch.utils.data.Dataset:
+    """The dataset of split ``image_set`` ('train' or 'val') selected by ``args.dataset_file``.
+
+    Raises:
+        DatasetError: unknown dataset_file, missing/invalid files, or a category id >= num_classes (named
+            with its annotation file) -- all at start-up, before any training.
+    """
+    _check_dataset_file(args)
+    if args.dataset_file == "coco_panoptic":
+        from datasets import coco_panoptic  # the panoptic engineer's module; imported only when used
+
+        return coco_panoptic.build(image_set, args)
+    dataset = coco.build(image_set, args)
+    num_classes = getattr(args, "num_classes", None)
+    if num_classes is None:
+        num_classes = _DEFAULT_NUM_CLASSES[args.dataset_file]
+    largest = max_category_id(dataset.coco.dataset, dataset.ann_file)
+    if largest >= num_classes:
+        raise DatasetError(
+            f"{dataset.ann_file}: category id {largest} >= num_classes {num_classes}; "
+            f"pass --num_classes {largest + 1} or higher (or leave it unset to infer it)"
+        )
+    return dataset

@@ -1,0 +1,291 @@
+"""COCO detection dataset: COCO annotations -> DETR targets, the published augmentation, and ``build``.
+
+Targets (DESIGN 1): 'boxes' float32 [T, 4], 'labels' int64 [T] (raw category ids), 'image_id' int64 [1],
+'area' float32 [T], 'iscrowd' int64 [T], 'orig_size' and 'size' int64 [2] as (h, w), and with masks
+'masks' uint8 [T, H, W]. Boxes are absolute (x0, y0, x1, y1) pixels after :class:`ConvertCocoPolysToMask`
+and normalised (cx, cy, w, h) in [0, 1] after the transforms of :func:`make_coco_transforms`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from pycocotools import mask as mask_utils
+from torch import Tensor
+
+import datasets.transforms as T
+from datasets.coco_io import (
+    coco_api_from_json,
+    invalid_box_annotations,
+    load_coco_json,
+    read_image_rgb,
+)
+from datasets.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+# Slots of the shared skip counter: one per DataLoader worker (slot 0 = the main process), so counts from
+# concurrent workers never race.
+_COUNTER_SLOTS = 256
+# A training sample that cannot be read is replaced by the next index at most this many times in a row.
+_MAX_SUBSTITUTIONS = 32
+
+
+def convert_coco_poly_to_mask(segmentations: list[Any], height: int, width: int) -> Tensor:
+    """COCO segmentations (polygon lists or RLE dicts) -> uint8 [T, height, width] masks."""
+    masks = []
+    for segmentation in segmentations:
+        if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+            rles = [segmentation]  # compressed RLE: already in pycocotools' format
+        else:
+            rles = mask_utils.frPyObjects(segmentation, height, width)
+        decoded = mask_utils.decode(rles)
+        if decoded.ndim == 3:
+            decoded = decoded.any(axis=2)
+        masks.append(torch.as_tensor(decoded, dtype=torch.uint8))
+    if not masks:
+        return torch.zeros((0, height, width), dtype=torch.uint8)
+    return torch.stack(masks)
+
+
+class ConvertCocoPolysToMask:
+    """(image, {'image_id', 'annotations'}) -> (image, target): COCO annotations to a DETR target.
+
+    Crowd annotations are dropped, boxes go from (x, y, w, h) to (x0, y0, x1, y1) clamped to the image,
+    boxes without area are removed, labels are the raw category ids; with ``return_masks`` the polygon or
+    RLE segmentations become uint8 [T, H, W] masks.
+    """
+
+    def __init__(self, return_masks: bool = False):
+        self.return_masks = return_masks
+
+    def __call__(self, image: PIL.Image.Image | Tensor, target: dict[str, Any]) -> tuple[Any, dict[str, Tensor]]:
+        height, width = T._image_hw(image)
+        annotations = [a for a in target["annotations"] if a.get("iscrowd", 0) == 0]
+
+        boxes = torch.as_tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(min=0, max=width)
+        boxes[:, 1::2].clamp_(min=0, max=height)
+        areas = [a["area"] if "area" in a else a["bbox"][2] * a["bbox"][3] for a in annotations]
+        out = {
+            "boxes": boxes,
+            "labels": torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64),
+            "image_id": torch.tensor([target["image_id"]], dtype=torch.int64),
+            "area": torch.tensor(areas, dtype=torch.float32),
+            "iscrowd": torch.zeros(len(annotations), dtype=torch.int64),
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+            "size": torch.tensor([height, width], dtype=torch.int64),
+        }
+        if self.return_masks:
+            missing = [a["id"] for a in annotations if "segmentation" not in a]
+            if missing:
+                raise DatasetError(f"annotation id {missing[0]} has no 'segmentation'; --masks needs instance masks")
+            out["masks"] = convert_coco_poly_to_mask([a["segmentation"] for a in annotations], height, width)
+        # NaN boxes compare False, so they are dropped here too.
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return image, T.select_instances(out, keep)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """COCO-format detection dataset (pycocotools index) returning ``(image, target)`` pairs.
+
+    Args:
+        img_folder: folder of the images named by 'file_name'.
+        ann_file: COCO instances JSON.
+        transforms: callable ``(image, target) -> (image, target)`` or None.
+        return_masks: add 'masks' to the targets.
+        skip_bad_images: on an unreadable sample (missing, corrupt, wrong size) log a one-line warning and
+            skip it instead of raising :class:`DatasetError`; images with invalid boxes are excluded at start.
+        substitute_bad: when skipping, return the next readable sample (training: constant batch size, so
+            distributed ranks stay in step) instead of ``None`` (evaluation: ``util.misc.collate_fn`` drops it).
+        decoder: 'auto' / 'torchvision' (uint8 tensors) or 'pil' (PIL images, the published path).
+
+    Attributes:
+        coco: the pycocotools ``COCO`` index (``get_coco_api_from_dataset`` returns it).
+        ids: image ids in sample order.
+        skipped: number of samples skipped so far, summed over DataLoader workers.
+        excluded_ids: image ids left out at start because of invalid boxes (only with ``skip_bad_images``).
+    """
+
+    def __init__(
+        self,
+        img_folder: str | Path,
+        ann_file: str | Path,
+        transforms: Any,
+        return_masks: bool,
+        *,
+        skip_bad_images: bool = False,
+        substitute_bad: bool = False,
+        decoder: str = "auto",
+    ):
+        self.img_folder = Path(img_folder)
+        self.ann_file = Path(ann_file)
+        if not self.img_folder.is_dir():
+            raise DatasetError(f"{self.img_folder}: image folder not found (check --coco_path or *_img_folder)")
+        data = load_coco_json(self.ann_file)
+        self.coco = coco_api_from_json(data)
+        self._transforms = transforms
+        self.prepare = ConvertCocoPolysToMask(return_masks)
+        self.skip_bad_images = skip_bad_images
+        self.substitute_bad = substitute_bad
+        self.decoder = decoder
+        self.excluded_ids = self._check_boxes(data)
+        self.ids = sorted(set(self.coco.imgs) - set(self.excluded_ids))
+        self._skip_counts = torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
+
+    def _check_boxes(self, data: dict[str, Any]) -> list[int]:
+        bad = invalid_box_annotations(data)
+        if not bad:
+            return []
+        first = bad[0]
+        problem = f"annotation id {first['id']} (image id {first['image_id']}) has bbox {first['bbox']}"
+        if not self.skip_bad_images:
+            raise DatasetError(
+                f"{self.ann_file}: {problem} with NaN/inf or negative width/height; fix it or pass --skip_bad_images"
+            )
+        excluded = sorted({a["image_id"] for a in bad})
+        logger.warning(
+            "%s: skipping %d image(s) with invalid boxes (%d annotations; first: %s)",
+            self.ann_file,
+            len(excluded),
+            len(bad),
+            problem,
+        )
+        return excluded
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (all workers; the image ids excluded at start are not included)."""
+        return int(self._skip_counts.sum())
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Tensor]] | None:
+        for _ in range(_MAX_SUBSTITUTIONS):
+            try:
+                return self.load_sample(index)
+            except DatasetError as err:
+                if not self.skip_bad_images:
+                    raise
+                self._count_skip()
+                logger.warning("skipping sample %d: %s", index, err)
+                if not self.substitute_bad:
+                    return None
+                index = (index + 1) % len(self)
+        raise DatasetError(
+            f"{self.img_folder}: {_MAX_SUBSTITUTIONS} unreadable images in a row; the image folder looks broken"
+        )
+
+    def _count_skip(self) -> None:
+        worker = torch.utils.data.get_worker_info()
+        slot = 0 if worker is None else 1 + worker.id % (_COUNTER_SLOTS - 1)
+        self._skip_counts[slot] += 1
+
+    def load_sample(self, index: int) -> tuple[Any, dict[str, Tensor]]:
+        """Decode, check and transform sample ``index`` (no skipping).
+
+        Raises:
+            DatasetError: naming the image file and the problem.
+        """
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.img_folder / info["file_name"]
+        image = read_image_rgb(path, self.decoder)
+        height, width = T._image_hw(image)
+        if (height, width) != (info["height"], info["width"]):
+            raise DatasetError(
+                f"{path}: image is {width}x{height} but {self.ann_file.name} says {info['width']}x{info['height']} "
+                "(width x height); fix the annotation file"
+            )
+        try:
+            image, target = self.prepare(image, {"image_id": image_id, "annotations": self.coco.imgToAnns[image_id]})
+        except DatasetError as err:
+            raise DatasetError(f"{path}: {err}") from None
+        if self._transforms is not None:
+            image, target = self._transforms(image, target)
+        return image, target
+
+
+def make_coco_transforms(image_set: str, input_scale: float = 1.0) -> T.Compose:
+    """The published DETR augmentation, with every pixel size multiplied by ``input_scale``.
+
+    train: horizontal flip, then either a resize of the short side to one of 480..800 (step 32, long side
+    <= 1333) or [short side 400/500/600, random crop of 384..600, the same multi-scale resize];
+    val: short side 800, long side <= 1333. Both end with ImageNet normalisation and normalised
+    (cx, cy, w, h) boxes.
+    """
+    scales = [T.scaled(s, input_scale) for s in range(480, 801, 32)]
+    max_size = T.scaled(1333, input_scale)
+    normalize = T.Normalize(T.IMAGENET_MEAN, T.IMAGENET_STD)
+    if image_set == "train":
+        return T.Compose(
+            [
+                T.RandomHorizontalFlip(),
+                T.RandomSelect(
+                    T.RandomResize(scales, max_size=max_size),
+                    T.Compose(
+                        [
+                            T.RandomResize([T.scaled(s, input_scale) for s in (400, 500, 600)]),
+                            T.RandomSizeCrop(T.scaled(384, input_scale), T.scaled(600, input_scale)),
+                            T.RandomResize(scales, max_size=max_size),
+                        ]
+                    ),
+                ),
+                normalize,
+            ]
+        )
+    if image_set == "val":
+        return T.Compose([T.RandomResize([T.scaled(800, input_scale)], max_size=max_size), normalize])
+    raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
+
+
+def coco_paths(image_set: str, args: argparse.Namespace) -> tuple[Path, Path]:
+    """(image folder, annotation file) of a split: the explicit flags, else the COCO layout under the root.
+
+    The root is --coco_path, or the generated synthetic dataset for --dataset_file synthetic or when
+    neither --coco_path nor the explicit path flags are given.
+    """
+    if image_set not in ("train", "val"):
+        raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
+    img_folder = getattr(args, f"{image_set}_img_folder", None)
+    ann_file = getattr(args, f"{image_set}_ann_file", None)
+    if args.dataset_file == "synthetic" or (args.coco_path is None and img_folder is None and ann_file is None):
+        from datasets.synthetic import ensure_synthetic_dataset
+
+        root = ensure_synthetic_dataset(
+            getattr(args, "synthetic_dir", None),
+            getattr(args, "synthetic_train_size", None),
+            getattr(args, "synthetic_val_size", None),
+        )
+        return root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json"
+    if args.coco_path is not None:
+        root = Path(args.coco_path)
+        if not root.exists():
+            raise DatasetError(f"provided COCO path {root} does not exist")
+        img_folder = img_folder or root / f"{image_set}2017"
+        ann_file = ann_file or root / "annotations" / f"instances_{image_set}2017.json"
+    if img_folder is None or ann_file is None:
+        missing = f"--{image_set}_img_folder" if img_folder is None else f"--{image_set}_ann_file"
+        raise DatasetError(f"{missing} is needed when --coco_path is not given")
+    return Path(img_folder), Path(ann_file)
+
+
+def build(image_set: str, args: argparse.Namespace) -> CocoDetection:
+    """The COCO (or synthetic, or custom COCO-format) detection dataset of split 'train' or 'val'."""
+    img_folder, ann_file = coco_paths(image_set, args)
+    skip = bool(getattr(args, "skip_bad_images", False))
+    return CocoDetection(
+        img_folder,
+        ann_file,
+        transforms=make_coco_transforms(image_set, getattr(args, "input_scale", 1.0)),
+        return_masks=bool(getattr(args, "masks", False)),
+        skip_bad_images=skip,
+        substitute_bad=skip and image_set == "train",
+    )
