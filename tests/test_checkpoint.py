@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import http.server
 import logging
 import os
 import random
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,8 +51,8 @@ def test_kill_during_save_never_corrupts(tmp_path):
     save_checkpoint(_payload(0, tensors[0]), target)
     rng = random.Random(0)
     start_step = 1
-    deadline = time.monotonic() + 8.0
-    kills = 0
+    deadline = time.monotonic() + 6.0
+    kills = mid_write = 0
     while kills < 6 or time.monotonic() < deadline:
         if kills >= 40:
             break
@@ -65,6 +69,7 @@ def test_kill_during_save_never_corrupts(tmp_path):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         kills += 1
+        mid_write += any(tmp_path.glob(".checkpoint.pth.*.tmp"))  # killed with a temporary file open
         ckpt = load_checkpoint(target)
         _check_consistent(ckpt, tensors)
         prev = target.with_name("checkpoint.pth.prev")
@@ -72,6 +77,7 @@ def test_kill_during_save_never_corrupts(tmp_path):
             _check_consistent(load_checkpoint(prev), tensors)
         start_step = ckpt["step"] + 1
     assert start_step > 3, "the child never completed a save: the loop did not exercise replacement"
+    assert mid_write >= 1, "no kill landed during a write: the loop did not exercise the dangerous window"
     # Only the two checkpoint files and at most one killed temporary remain; the next save cleans up.
     save_checkpoint(_payload(start_step, tensors[start_step % 3]), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "checkpoint.pth.prev"]
@@ -191,3 +197,72 @@ def test_resume_auto_falls_back_when_the_newest_is_corrupt(tmp_path, caplog):
     assert "\n" not in warnings[0]
     target.with_name("checkpoint.pth.prev").write_bytes(b"garbage")
     assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint0000.pth"
+
+
+def test_a_real_training_state_round_trips_with_weights_only(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(
+        [{"params": model[0].parameters(), "lr": 1e-5}, {"params": model[1:].parameters()}], lr=1e-4
+    )
+    for p in model.parameters():  # AdamW's state after a step (a real step would import torch._dynamo: ~3 s)
+        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": p.detach() ** 2}
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 200)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": 0,
+        "iteration": 17,
+        "args": argparse.Namespace(lr=1e-4, backbone="resnet18"),
+    }
+    save_checkpoint(state, tmp_path / "checkpoint.pth")
+    loaded = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    fresh = torch.optim.AdamW(
+        [{"params": model[0].parameters(), "lr": 1e-5}, {"params": model[1:].parameters()}], lr=1e-4
+    )
+    fresh.load_state_dict(loaded["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert loaded["lr_scheduler"] == scheduler.state_dict() and loaded["scaler"] == scaler.state_dict()
+
+
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"epoch": np.int64(3)}, "checkpoint['epoch']"),
+        ({"args": {"coco_path": Path("/data")}}, "checkpoint['args']['coco_path']"),
+        ({"extra": [1, {"a": np.ones(2)}]}, "checkpoint['extra'][1]['a']"),
+    ],
+)
+def test_unloadable_values_are_refused_before_writing(tmp_path, bad, where):
+    target = tmp_path / "checkpoint.pth"
+    save_checkpoint({"epoch": 1}, target)
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot save {where}")):
+        save_checkpoint(bad, target)
+    assert load_checkpoint(target) == {"epoch": 1}
+
+
+def test_a_failing_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint.pth"
+    save_checkpoint({"epoch": 1}, target)
+
+    def disk_full(obj, f):
+        f.write(b"partial data")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous version, if any, is intact"):
+        save_checkpoint({"epoch": 2}, target)
+    monkeypatch.undo()
+    assert load_checkpoint(target) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"epoch": 0}, tmp_path / "checkpoint.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "checkpoint.pth").stat().st_mode & 0o777 == 0o644

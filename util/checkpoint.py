@@ -14,11 +14,12 @@ A checkpoint is a dict with 'model' (state dict) and, for training, 'optimizer',
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import pickle
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -30,6 +31,12 @@ logger = logging.getLogger(__name__)
 # The only non-tensor globals a checkpoint may carry: published DETR checkpoints store the training
 # command line as an argparse.Namespace under 'args'. Everything else is refused.
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+# Leaf types torch.load(weights_only=True) accepts without an allow-list (exact types: subclasses may not load).
+_SAFE_LEAVES = frozenset(
+    (str, bytes, int, float, bool, complex, type(None), torch.Tensor, torch.nn.Parameter)
+    + (torch.Size, torch.dtype, torch.device)
+)
 
 _MAIN_NAME = "checkpoint.pth"
 _NUMBERED = re.compile(r"^checkpoint(\d{4,})\.pth$")
@@ -64,21 +71,53 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(obj.get("args"), argparse.Namespace):
         obj = {**obj, "args": vars(obj["args"]).copy()}
+    check_weights_only_safe(obj)
     _remove_stale_temporaries(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    tmp = Path(tmp_name)
+    # open(..., "xb") rather than mkstemp: the file gets the umask's permissions (mkstemp forces 0600).
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
             _keep_previous(path)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"saving checkpoint {path} failed ({_first_line(e)}); the previous version, if any, is intact"
+        ) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(folder)
+
+
+def check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
+    """Raise CheckpointError if ``obj`` holds anything ``torch.load(weights_only=True)`` would refuse.
+
+    Checked before writing, so a bad entry fails the first save instead of making every later resume fail.
+    Allowed: tensors (and nn.Parameter), torch.Size/dtype/device, str, bytes, int, float, bool, complex,
+    None, and dict/OrderedDict/list/tuple/set of those.
+    """
+    stack = [(obj, where)]
+    while stack:
+        value, name = stack.pop()
+        kind = type(value)
+        if kind in _SAFE_LEAVES:
+            continue
+        if kind in (dict, collections.OrderedDict):
+            for key, item in value.items():
+                stack.append((key, f"{name} key {key!r}"))
+                stack.append((item, f"{name}[{key!r}]"))
+        elif kind in (list, tuple, set):
+            stack.extend((item, f"{name}[{i}]") for i, item in enumerate(value))
+        else:
+            raise CheckpointError(
+                f"cannot save {name}: a {kind.__module__}.{kind.__qualname__} would make the checkpoint "
+                "unloadable with weights_only=True; convert it to a tensor or a plain int/float/str/list/dict"
+            )
 
 
 def _keep_previous(path: Path) -> None:
