@@ -44,7 +44,7 @@ _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read safely: missing, truncated, corrupt, or carrying unsafe objects."""
+    """A checkpoint that cannot be written or read safely: missing, truncated, corrupt, unsafe, unsaveable."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -155,8 +155,10 @@ def _fsync_dir(folder: Path) -> None:
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete temporary files left by a save that was killed (only one writer per path is expected)."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    prefix = f".{path.name}."
+    for stale in path.parent.iterdir():
+        if stale.name.startswith(prefix) and stale.name.endswith(".tmp"):
+            stale.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- loading
