@@ -8,7 +8,6 @@ unless ``output_dir`` is None.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import warnings
@@ -18,16 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
-from datasets.panoptic_quality import CategoryStats, merge_stats, pq_average, pq_image_stats, rgb_to_id
+from datasets.panoptic_quality import CategoryStats, merge_stats, pq_average, pq_image_stats, read_panoptic_png
 
-
-def read_panoptic_png(source: str | os.PathLike | bytes) -> np.ndarray:
-    """Panoptic PNG (path or encoded bytes) -> [H, W] int64 segment ids."""
-    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
-    with Image.open(stream) as image:
-        return rgb_to_id(np.asarray(image.convert("RGB")))
+__all__ = ["PanopticEvaluator", "format_pq_table", "read_panoptic_png"]
 
 
 def _dist_ready() -> bool:

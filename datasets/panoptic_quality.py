@@ -1,4 +1,4 @@
-"""Panoptic quality (Kirillov et al. 2019): per-image matching statistics and their category averages.
+"""Panoptic quality (Kirillov et al. 2019): per-image matching statistics, category averages, the PNG id codec.
 
 The rules are those of the COCO panoptic evaluation (the panopticapi package, which is not on PyPI):
 
@@ -17,9 +17,12 @@ areas from the PNG.
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 VOID = 0
 # Pairs (gt id, pred id) are packed into one integer; ids are below 256**3 by the RGB encoding.
@@ -41,6 +44,13 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     """[H, W] integer segment ids -> [H, W, 3] uint8 RGB (inverse of ``rgb_to_id``)."""
     ids = np.asarray(ids, dtype=np.int64)
     return np.stack([ids % 256, ids // 256 % 256, ids // (256 * 256) % 256], axis=-1).astype(np.uint8)
+
+
+def read_panoptic_png(source: str | os.PathLike | bytes) -> np.ndarray:
+    """Panoptic PNG (path or encoded bytes) -> [H, W] int64 segment ids."""
+    stream = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    with Image.open(stream) as image:
+        return rgb_to_id(np.asarray(image.convert("RGB")))
 
 
 def _pair_counts(gt_ids: np.ndarray, pred_ids: np.ndarray) -> dict[tuple[int, int], int]:
