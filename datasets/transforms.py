@@ -94,7 +94,7 @@ def sanitize(target: Target) -> Target:
         boxes = target["boxes"]
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     elif "masks" in target:
-        keep = target["masks"].flatten(1).any(1)
+        keep = target["masks"].flatten(1).any(1).bool()
     else:
         return target
     return select_instances(target, keep)

@@ -67,8 +67,13 @@ def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor], size_divisibil
 def collate_fn(batch: Sequence[tuple], size_divisibility: int = 1) -> tuple:
     """DataLoader collation: ``[(image, target), ...] -> (NestedTensor, (target, ...))``.
 
-    Use ``functools.partial(collate_fn, size_divisibility=N)`` to pad to multiples of N.
+    Use ``functools.partial(collate_fn, size_divisibility=N)`` to pad to multiples of N. ``None`` samples
+    (unreadable images skipped by the dataset with --skip_bad_images) are dropped; a batch with no sample
+    left collates to ``(None, ())``, which the evaluation loop skips.
     """
+    batch = [sample for sample in batch if sample is not None]
+    if not batch:
+        return None, ()
     columns = list(zip(*batch))
     columns[0] = nested_tensor_from_tensor_list(columns[0], size_divisibility=size_divisibility)
     return tuple(columns)
