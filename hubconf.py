@@ -1,0 +1,262 @@
+"""torch.hub entry points for the published DETR models.
+
+    model = torch.hub.load("path/to/this/repo", "detr_resnet50", source="local", pretrained=True)
+    model, postprocessor = torch.hub.load(..., "detr_resnet50_panoptic", pretrained=True, return_postprocessor=True)
+
+With ``pretrained=False`` (the default) nothing is downloaded: the backbone is random, or ImageNet / a local
+file when ``backbone_weights`` says so. ``pretrained=True`` downloads the published COCO weights (into the
+torch hub cache) and loads them with strict=True; another ``num_classes`` keeps every weight but the class head
+(see ``util.finetune.load_for_finetuning``). Models are returned in training mode, as ``nn.Module``s are:
+call ``model.eval()`` before inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from torch import nn
+
+dependencies = ["torch", "torchvision", "scipy"]
+
+_URL = "https://dl.fbaipublicfiles.com/detr/"
+# Published COCO checkpoints (box AP / PQ on COCO val2017 in the published model zoo).
+CHECKPOINT_URLS = {
+    "detr_resnet50": _URL + "detr-r50-e632da11.pth",
+    "detr_resnet50_dc5": _URL + "detr-r50-dc5-f0fb7ef5.pth",
+    "detr_resnet101": _URL + "detr-r101-2c7b67e5.pth",
+    "detr_resnet101_dc5": _URL + "detr-r101-dc5-a2e86def.pth",
+    "detr_resnet50_panoptic": _URL + "detr-r50-panoptic-00ce5173.pth",
+    "detr_resnet50_dc5_panoptic": _URL + "detr-r50-dc5-panoptic-da08f1b1.pth",
+    "detr_resnet101_panoptic": _URL + "detr-r101-panoptic-40021d53.pth",
+}
+# The published panoptic rule: category ids up to 90 are things, the rest stuff.
+PANOPTIC_IS_THING_MAP = {i: i <= 90 for i in range(250)}
+
+
+def _hub_args(backbone: str, dilation: bool, num_classes: int, masks: bool, backbone_weights: str, **overrides):
+    from main import get_args_parser
+
+    args = get_args_parser().parse_args([])
+    args.backbone = backbone
+    args.dilation = dilation
+    args.num_classes = num_classes
+    args.masks = masks
+    args.dataset_file = "coco_panoptic" if masks else "coco"
+    args.backbone_weights = backbone_weights
+    args.aux_loss = False  # the published hub models return the final layer only
+    args.device = "cpu"
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise TypeError(f"unknown model option {key!r}; use a main.py flag name such as num_queries or hidden_dim")
+        setattr(args, key, value)
+    return args
+
+
+def _make(
+    name: str,
+    backbone: str,
+    dilation: bool,
+    masks: bool,
+    pretrained: bool,
+    num_classes: int,
+    default_classes: int,
+    backbone_weights: str,
+    **overrides,
+) -> tuple[nn.Module, dict[str, nn.Module], argparse.Namespace]:
+    from models import build_model
+
+    # A published checkpoint already holds the backbone: never fetch ImageNet weights for it.
+    weights = "none" if pretrained else backbone_weights
+    args = _hub_args(backbone, dilation, num_classes, masks, weights, **overrides)
+    model, _, postprocessors = build_model(args)
+    if pretrained:
+        from util.checkpoint import load_checkpoint
+
+        if num_classes == default_classes and not overrides:
+            checkpoint = load_checkpoint(CHECKPOINT_URLS[name], check_hash=True)
+            model.load_state_dict(checkpoint["model"], strict=True)
+        else:
+            from util.finetune import load_for_finetuning
+
+            load_for_finetuning(model, CHECKPOINT_URLS[name])
+    return model, postprocessors, args
+
+
+def _detector(name, backbone, dilation, pretrained, num_classes, return_postprocessor, backbone_weights, **overrides):
+    model, postprocessors, _ = _make(
+        name, backbone, dilation, False, pretrained, num_classes, 91, backbone_weights, **overrides
+    )
+    return (model, postprocessors["bbox"]) if return_postprocessor else model
+
+
+def _panoptic(
+    name, backbone, dilation, pretrained, num_classes, threshold, return_postprocessor, backbone_weights, **overrides
+):
+    from models.segmentation import PostProcessPanoptic
+
+    model, _, _ = _make(name, backbone, dilation, True, pretrained, num_classes, 250, backbone_weights, **overrides)
+    if return_postprocessor:
+        return model, PostProcessPanoptic(PANOPTIC_IS_THING_MAP, threshold=threshold)
+    return model
+
+
+def detr_resnet50(
+    pretrained: bool = False,
+    num_classes: int = 91,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    **overrides,
+):
+    """DETR R50 (42.0 box AP on COCO val2017).
+
+    Args:
+        pretrained: download and load the published COCO weights.
+        num_classes: max category id + 1; with ``pretrained``, a value other than 91 re-initialises the class head.
+        return_postprocessor: also return ``PostProcess`` (logits and boxes -> scores, labels, pixel boxes).
+        backbone_weights: without ``pretrained``: 'none' (random, offline), 'imagenet' (torchvision download)
+            or a local ResNet .pth file.
+        **overrides: other model flags of main.py, e.g. ``num_queries=50`` (then ``pretrained`` fine-tunes).
+
+    Returns:
+        The model, or (model, postprocessor) with ``return_postprocessor``.
+    """
+    return _detector(
+        "detr_resnet50", "resnet50", False, pretrained, num_classes, return_postprocessor, backbone_weights, **overrides
+    )
+
+
+def detr_resnet50_dc5(
+    pretrained: bool = False,
+    num_classes: int = 91,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    **overrides,
+):
+    """DETR R50 with a dilated last stage (43.3 box AP). Arguments as :func:`detr_resnet50`."""
+    return _detector(
+        "detr_resnet50_dc5",
+        "resnet50",
+        True,
+        pretrained,
+        num_classes,
+        return_postprocessor,
+        backbone_weights,
+        **overrides,
+    )
+
+
+def detr_resnet101(
+    pretrained: bool = False,
+    num_classes: int = 91,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    **overrides,
+):
+    """DETR R101 (43.5 box AP). Arguments as :func:`detr_resnet50`."""
+    return _detector(
+        "detr_resnet101",
+        "resnet101",
+        False,
+        pretrained,
+        num_classes,
+        return_postprocessor,
+        backbone_weights,
+        **overrides,
+    )
+
+
+def detr_resnet101_dc5(
+    pretrained: bool = False,
+    num_classes: int = 91,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    **overrides,
+):
+    """DETR R101 with a dilated last stage (44.9 box AP). Arguments as :func:`detr_resnet50`."""
+    return _detector(
+        "detr_resnet101_dc5",
+        "resnet101",
+        True,
+        pretrained,
+        num_classes,
+        return_postprocessor,
+        backbone_weights,
+        **overrides,
+    )
+
+
+def detr_resnet50_panoptic(
+    pretrained: bool = False,
+    num_classes: int = 250,
+    threshold: float = 0.85,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    **overrides,
+):
+    """Panoptic DETR R50 (43.4 PQ on COCO panoptic val2017).
+
+    Args:
+        pretrained: download and load the published COCO panoptic weights.
+        num_classes: 250 for COCO panoptic (max category id + 1).
+        threshold: minimum class probability of a kept segment in ``PostProcessPanoptic``.
+        return_postprocessor: also return ``PostProcessPanoptic`` (ids up to 90 are things).
+        backbone_weights, **overrides: as for :func:`detr_resnet50`.
+
+    Returns:
+        The DETRsegm model, or (model, postprocessor) with ``return_postprocessor``.
+    """
+    return _panoptic(
+        "detr_resnet50_panoptic",
+        "resnet50",
+        False,
+        pretrained,
+        num_classes,
+        threshold,
+        return_postprocessor,
+        backbone_weights,
+        **overrides,
+    )
+
+
+def detr_resnet50_dc5_panoptic(
+    pretrained: bool = False,
+    num_classes: int = 250,
+    threshold: float = 0.85,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    **overrides,
+):
+    """Panoptic DETR R50-DC5 (44.6 PQ). Arguments as :func:`detr_resnet50_panoptic`."""
+    return _panoptic(
+        "detr_resnet50_dc5_panoptic",
+        "resnet50",
+        True,
+        pretrained,
+        num_classes,
+        threshold,
+        return_postprocessor,
+        backbone_weights,
+        **overrides,
+    )
+
+
+def detr_resnet101_panoptic(
+    pretrained: bool = False,
+    num_classes: int = 250,
+    threshold: float = 0.85,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    **overrides,
+):
+    """Panoptic DETR R101 (45.1 PQ). Arguments as :func:`detr_resnet50_panoptic`."""
+    return _panoptic(
+        "detr_resnet101_panoptic",
+        "resnet101",
+        False,
+        pretrained,
+        num_classes,
+        threshold,
+        return_postprocessor,
+        backbone_weights,
+        **overrides,
+    )

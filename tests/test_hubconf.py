@@ -1,0 +1,128 @@
+"""torch.hub entry points: build offline by default, download the published weights only when asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import hubconf
+import models
+import util.checkpoint
+from models.postprocess import PostProcess
+from predict import infer_architecture
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRIES = {  # name: (backbone, dilation, masks, num_classes)
+    "detr_resnet50": ("resnet50", False, False, 91),
+    "detr_resnet50_dc5": ("resnet50", True, False, 91),
+    "detr_resnet101": ("resnet101", False, False, 91),
+    "detr_resnet101_dc5": ("resnet101", True, False, 91),
+    "detr_resnet50_panoptic": ("resnet50", False, True, 250),
+    "detr_resnet50_dc5_panoptic": ("resnet50", True, True, 250),
+    "detr_resnet101_panoptic": ("resnet101", False, True, 250),
+}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:1]}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+@pytest.fixture
+def recorded_builds(monkeypatch):
+    """Replace build_model by a recorder that builds a tiny stand-in (keeps the wiring test fast)."""
+    calls = []
+    real_build = models.build_model
+
+    def fake_build(args):
+        calls.append(vars(args).copy())
+        tiny = dict(
+            backbone="resnet18",
+            dilation=False,
+            hidden_dim=16,
+            nheads=2,
+            enc_layers=1,
+            dec_layers=1,
+            dim_feedforward=16,
+            num_queries=5,
+        )
+        return real_build(type(args)(**{**vars(args), **tiny}))
+
+    monkeypatch.setattr(models, "build_model", fake_build)
+    return calls
+
+
+def test_every_entry_point_builds_with_its_published_architecture(recorded_builds, no_network):
+    for name, (backbone, dilation, masks, num_classes) in ENTRIES.items():
+        model, postprocessor = getattr(hubconf, name)(return_postprocessor=True)
+        args = recorded_builds[-1]
+        assert (args["backbone"], args["dilation"], args["masks"], args["num_classes"]) == (
+            backbone,
+            dilation,
+            masks,
+            num_classes,
+        ), name
+        assert args["backbone_weights"] == "none" and args["aux_loss"] is False
+        assert args["num_queries"] == 100 and args["hidden_dim"] == 256 and args["enc_layers"] == 6
+        assert hasattr(model, "detr") == masks
+        assert type(postprocessor).__name__ == ("PostProcessPanoptic" if masks else "PostProcess")
+        if masks:
+            assert (
+                postprocessor.threshold == 0.85
+                and postprocessor.is_thing_map[90]
+                and not postprocessor.is_thing_map[91]
+            )
+    assert set(ENTRIES) == set(hubconf.CHECKPOINT_URLS)
+
+
+def test_resnet50_builds_offline_with_the_published_size(no_network):
+    model = hubconf.detr_resnet50(pretrained=False)
+    assert sum(p.numel() for p in model.parameters()) == 41_524_768  # the published DETR-R50 parameter count
+    arch = infer_architecture(model.state_dict())
+    assert (arch["backbone"], arch["num_classes"], arch["num_queries"], arch["hidden_dim"]) == (
+        "resnet50",
+        91,
+        100,
+        256,
+    )
+    assert (arch["enc_layers"], arch["dec_layers"], arch["dim_feedforward"]) == (6, 6, 2048)
+    assert model.aux_loss is False  # the published hub models return the last decoder layer only
+
+
+def test_pretrained_downloads_the_published_url_and_loads_strictly(monkeypatch, recorded_builds):
+    loads = []
+    reference = {}
+
+    def fake_load(path_or_url, map_location="cpu", check_hash=False):
+        loads.append((path_or_url, check_hash))
+        return {"model": reference["state"]}
+
+    monkeypatch.setattr(util.checkpoint, "load_checkpoint", fake_load)
+    reference["state"] = hubconf.detr_resnet50().state_dict()
+    for value in reference["state"].values():
+        value.add_(1)  # distinguishable from a fresh init
+    model, postprocessor = hubconf.detr_resnet50(pretrained=True, return_postprocessor=True)
+    assert loads == [("https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth", True)]
+    assert isinstance(postprocessor, PostProcess)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference["state"][key], rtol=0, atol=0)
+
+    # Another num_classes keeps everything but the class head (fine-tuning start).
+    monkeypatch.setattr("util.finetune.load_checkpoint", fake_load)
+    model = hubconf.detr_resnet50(pretrained=True, num_classes=3)
+    assert model.class_embed.weight.shape[0] == 4
+    torch.testing.assert_close(model.query_embed.weight, reference["state"]["query_embed.weight"], rtol=0, atol=0)
+
+
+def test_torch_hub_load_from_local_folder(recorded_builds, no_network):
+    model = torch.hub.load(str(ROOT), "detr_resnet101_dc5", source="local", trust_repo=True)
+    assert isinstance(model, torch.nn.Module)
+    assert (recorded_builds[-1]["backbone"], recorded_builds[-1]["dilation"]) == ("resnet101", True)
+    with pytest.raises(TypeError, match="unknown model option 'num_querys'"):
+        hubconf.detr_resnet50(num_querys=5)
