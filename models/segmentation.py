@@ -177,6 +177,20 @@ class DETRsegm(nn.Module):
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [last // 2, last // 4, last // 8], hidden_dim)
 
+    # Read-only views of the detector's parts, so code written for DETR (channels_last, compile, attention
+    # hooks) also works on the wrapper; they add no state-dict entries.
+    @property
+    def backbone(self) -> nn.Module:
+        return self.detr.backbone
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.detr.transformer
+
+    @property
+    def num_queries(self) -> int:
+        return self.detr.num_queries
+
     def forward(self, samples: NestedTensor | list[Tensor]) -> dict:
         """Detect and segment.
 

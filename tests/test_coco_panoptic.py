@@ -128,3 +128,35 @@ def test_ground_truth_scores_pq_one(synthetic_root, tmp_path):
         evaluator.update([{"image_id": annotation["image_id"], "png_string": png, "segments_info": segments}])
     result = evaluator.summarize()
     assert result["All"]["pq"] == pytest.approx(1.0) and result["Stuff"]["n"] == 2 and result["Things"]["n"] >= 1
+
+
+@pytest.mark.slow
+def test_two_stage_panoptic_training_logs_pq(synthetic_root, tmp_path):
+    """Stage 1 trains the detector on the panoptic data, stage 2 the mask head on it frozen; PQ reaches log.txt."""
+    from conftest import parse_tiny_args
+
+    import main
+
+    common = ["--dataset_file", "coco_panoptic", "--epochs", "1", "--batch_size", "2", "--input_scale", "0.15"]
+    common += ["--synthetic_dir", str(synthetic_root.parent), "--synthetic_train_size", "3"]
+    common += ["--synthetic_val_size", "4", "--no_progress"]
+    main.main(parse_tiny_args(*common, "--output_dir", str(tmp_path / "detector")))
+    detector = tmp_path / "detector" / "checkpoint.pth"
+    frozen = torch.load(detector, map_location="cpu", weights_only=False)["model"]
+
+    run = tmp_path / "panoptic"
+    main.main(parse_tiny_args(*common, "--masks", "--frozen_weights", str(detector), "--output_dir", str(run)))
+    last = json.loads((run / "log.txt").read_text().splitlines()[-1])
+    for key in ("test_PQ_all", "test_PQ_th", "test_PQ_st"):
+        assert set(last[key]) == {"pq", "sq", "rq", "n"} and 0 <= last[key]["pq"] <= 1
+    assert last["test_PQ_st"]["n"] == 2  # both stuff classes occur in the ground truth
+    assert len(last["test_coco_eval_masks"]) == 12 and "test_loss_dice" in last
+    written = json.loads((run / "panoptic_eval" / "predictions.json").read_text())["annotations"]
+    assert len(written) == 4
+    state = torch.load(run / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    assert {k for k in state if not k.startswith("detr.")} >= {
+        "mask_head.lay1.weight",
+        "bbox_attention.q_linear.weight",
+    }
+    for name, value in frozen.items():  # the detector did not move during stage 2
+        torch.testing.assert_close(state[f"detr.{name}"], value)
