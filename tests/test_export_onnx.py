@@ -1,0 +1,73 @@
+"""ONNX export: onnxruntime equals PyTorch within 1e-4 on CPU, at the export size and (dynamic) another size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from conftest import parse_tiny_args
+
+from models import build_model
+from tools.export_onnx import compare_with_onnxruntime, export_onnx, main
+from util.checkpoint import save_checkpoint
+
+TOLERANCE = 1e-4
+
+
+def test_fixed_size_export_matches_pytorch(tmp_path):
+    model = build_model(parse_tiny_args())[0].eval()
+    path = export_onnx(model, tmp_path / "fixed.onnx", height=96, width=128)
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["images"]
+    assert [o.name for o in graph.output] == ["pred_logits", "pred_boxes"]
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 96, 128]
+
+    images = torch.randn(1, 3, 96, 128)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, boxes = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = model(images)  # the plain model, independent of the export wrapper
+    np.testing.assert_allclose(logits, expected["pred_logits"].numpy(), atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(boxes, expected["pred_boxes"].numpy(), atol=TOLERANCE, rtol=0)
+    assert model.aux_loss is True  # restored after the export
+    assert max(compare_with_onnxruntime(model, path, images).values()) < TOLERANCE
+    padded = torch.zeros(1, 96, 128, dtype=torch.bool)
+    padded[0, 50:] = True
+    with pytest.raises(ValueError, match="without a mask input"):
+        compare_with_onnxruntime(model, path, images, padded)
+
+
+def test_dynamic_export_with_mask_from_checkpoint_cli(tmp_path, capsys):
+    args = parse_tiny_args()
+    model = build_model(args)[0].eval()
+    save_checkpoint({"model": model.state_dict(), "args": vars(args)}, tmp_path / "ckpt.pth")
+    out = tmp_path / "dynamic.onnx"
+    report = main(
+        [
+            "--checkpoint",
+            str(tmp_path / "ckpt.pth"),
+            "--output",
+            str(out),
+            "--height",
+            "96",
+            "--width",
+            "128",
+            "--dynamic",
+            "--with_mask",
+            "--check",
+        ]
+    )
+    assert set(report) == {f"{name} {size}" for name in ("pred_logits", "pred_boxes") for size in ("96x128", "72x160")}
+    assert max(report.values()) < TOLERANCE
+    assert "max |onnxruntime - pytorch|" in capsys.readouterr().out
+
+    # A third size, batch of two with a padded image: ONNX equals the model run on the NestedTensor batch.
+    images = torch.randn(2, 3, 64, 192)
+    mask = torch.zeros(2, 64, 192, dtype=torch.bool)
+    mask[1, 40:, :] = True
+    mask[1, :, 100:] = True
+    diffs = compare_with_onnxruntime(model, out, images, mask)
+    assert max(diffs.values()) < TOLERANCE

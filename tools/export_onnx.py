@@ -1,0 +1,221 @@
+"""Export a trained DETR to ONNX (fixed or dynamic image sizes) and check it against PyTorch with onnxruntime.
+
+Examples:
+    python tools/export_onnx.py --checkpoint outputs/checkpoint.pth --output detr.onnx --height 800 --width 1066
+    python tools/export_onnx.py --checkpoint outputs/checkpoint.pth --output detr.onnx --dynamic --with_mask --check
+
+The ONNX graph takes ``images`` [B, 3, H, W] (normalised with the ImageNet mean/std, as predict.py does) and,
+with ``--with_mask``, ``mask`` [B, H, W] bool (True on padding, for batches of different sizes); it returns
+``pred_logits`` [B, Q, K+1] and ``pred_boxes`` [B, Q, 4] (cx, cy, w, h normalised to each unpadded image).
+Segmentation models export their detector. The default exporter is torch's TorchScript-based one, which
+needs nothing beyond onnx; ``--exporter dynamo`` uses the torch.export-based one (needs onnxscript).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from util.misc import NestedTensor  # noqa: E402
+
+INPUT_NAMES = ("images", "mask")
+OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+
+
+class ExportableDETR(nn.Module):
+    """Tensor-in, tensor-out view of a DETR for tracing.
+
+    Args:
+        model: DETR, or DETRsegm (its ``detr`` is exported: boxes and classes only).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.detr = model.detr if hasattr(model, "detr") and hasattr(model.detr, "transformer") else model
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """images [B, 3, H, W], mask [B, H, W] bool (True on padding; None: no padding) -> (logits, boxes)."""
+        if mask is None:
+            mask = torch.zeros_like(images[:, 0], dtype=torch.bool)
+        outputs = self.detr(NestedTensor(images, mask))
+        return outputs["pred_logits"], outputs["pred_boxes"]
+
+
+@contextlib.contextmanager
+def _final_layer_only(detr: nn.Module) -> Iterator[None]:
+    """Skip the auxiliary decoder outputs while exporting (they are not graph outputs), then restore."""
+    previous = getattr(detr, "aux_loss", False)
+    detr.aux_loss = False
+    try:
+        yield
+    finally:
+        detr.aux_loss = previous
+
+
+def export_onnx(
+    model: nn.Module,
+    output: str | Path,
+    height: int = 800,
+    width: int = 1066,
+    batch_size: int = 1,
+    dynamic: bool = False,
+    with_mask: bool = False,
+    opset: int = 17,
+    exporter: str = "torchscript",
+) -> Path:
+    """Write ``model`` as ONNX.
+
+    Args:
+        model: DETR/DETRsegm (set to eval mode here; on the device of its parameters).
+        output: .onnx path.
+        height, width, batch_size: the example input size (the only accepted size unless ``dynamic``).
+        dynamic: make batch, height and width symbolic.
+        with_mask: add the ``mask`` input; without it every image is taken as unpadded.
+        opset: ONNX opset (>= 14 for scaled_dot_product_attention).
+        exporter: 'torchscript' (default, no extra dependency) or 'dynamo' (needs onnxscript).
+
+    Returns:
+        The written path.
+    """
+    if exporter not in ("torchscript", "dynamo"):
+        raise ValueError(f"--exporter {exporter}: expected 'torchscript' or 'dynamo'")
+    if exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--exporter dynamo needs onnxscript: pip install onnxscript (or use torchscript)"
+            ) from None
+    wrapper = ExportableDETR(model).eval()
+    device = next(model.parameters()).device
+    images = torch.randn(batch_size, 3, height, width, device=device)
+    inputs: tuple[Tensor, ...] = (images,)
+    if with_mask:
+        inputs += (torch.zeros(batch_size, height, width, dtype=torch.bool, device=device),)
+    names = list(INPUT_NAMES[: len(inputs)])
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict = {"input_names": names, "output_names": list(OUTPUT_NAMES), "opset_version": opset}
+    if exporter == "torchscript":
+        kwargs["dynamo"] = False
+        if dynamic:
+            axes = {"images": {0: "batch", 2: "height", 3: "width"}, "mask": {0: "batch", 1: "height", 2: "width"}}
+            axes.update({name: {0: "batch"} for name in OUTPUT_NAMES})
+            kwargs["dynamic_axes"] = {k: v for k, v in axes.items() if k in names or k in OUTPUT_NAMES}
+    else:
+        kwargs["dynamo"] = True
+        if dynamic:
+            auto = torch.export.Dim.AUTO
+            shapes = {"images": {0: auto, 2: auto, 3: auto}, "mask": {0: auto, 1: auto, 2: auto}}
+            kwargs["dynamic_shapes"] = {k: shapes[k] for k in names}
+    with _final_layer_only(wrapper.detr), torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter's deprecation notice and tracer warnings about Python loops are expected here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(wrapper, inputs, str(output), **kwargs)
+    return output
+
+
+@torch.no_grad()
+def compare_with_onnxruntime(
+    model: nn.Module, onnx_path: str | Path, images: Tensor, mask: Tensor | None = None
+) -> dict:
+    """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same inputs.
+
+    Args:
+        model: the exported model.
+        onnx_path: the .onnx file.
+        images: [B, 3, H, W] float32.
+        mask: [B, H, W] bool, for graphs exported ``with_mask``.
+
+    Returns:
+        {'pred_logits': max |difference|, 'pred_boxes': max |difference|}.
+    """
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    expected_inputs = [i.name for i in session.get_inputs()]
+    feeds = {"images": images.cpu().numpy()}
+    if "mask" in expected_inputs:
+        if mask is None:
+            mask = torch.zeros_like(images[:, 0], dtype=torch.bool)
+        feeds["mask"] = mask.cpu().numpy()
+    elif mask is not None and bool(mask.any()):
+        raise ValueError(f"{onnx_path} was exported without a mask input: export again with --with_mask")
+    ort_outputs = session.run(list(OUTPUT_NAMES), feeds)
+    wrapper = ExportableDETR(model).eval()
+    device = next(model.parameters()).device
+    with _final_layer_only(wrapper.detr):
+        torch_outputs = wrapper(images.to(device), None if mask is None else mask.to(device))
+    return {
+        name: float((torch.from_numpy(ort) - ref.float().cpu()).abs().max())
+        for name, ort, ref in zip(OUTPUT_NAMES, ort_outputs, torch_outputs)
+    }
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Command-line flags of this tool."""
+    parser = argparse.ArgumentParser("Export DETR to ONNX")
+    parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
+    parser.add_argument("--output", default="detr.onnx")
+    parser.add_argument("--height", type=int, default=800, help="example (or, without --dynamic, fixed) height")
+    parser.add_argument("--width", type=int, default=1066, help="example (or, without --dynamic, fixed) width")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--dynamic", action="store_true", help="symbolic batch size, height and width")
+    parser.add_argument("--with_mask", action="store_true", help="add the padding mask input [B, H, W] bool")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"))
+    parser.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on random inputs")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted difference for --check")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Export, optionally check; returns the measured differences with --check. Bad input exits with one line."""
+    args = get_args_parser().parse_args(argv)
+    from predict import load_model
+
+    try:
+        model = load_model(args.checkpoint, device="cpu")[0]
+        path = export_onnx(
+            model,
+            args.output,
+            args.height,
+            args.width,
+            args.batch_size,
+            args.dynamic,
+            args.with_mask,
+            args.opset,
+            args.exporter,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from err
+    print(f"wrote {path}")
+    if not args.check:
+        return None
+    diffs = compare_with_onnxruntime(model, path, torch.randn(args.batch_size, 3, args.height, args.width))
+    report = {f"{k} {args.height}x{args.width}": v for k, v in diffs.items()}
+    if args.dynamic:  # a second size and batch, padded when the graph takes a mask
+        height, width = max(32, args.height * 3 // 4), args.width + 32
+        mask = torch.zeros(args.batch_size + 1, height, width, dtype=torch.bool)
+        if args.with_mask:
+            mask[-1, height // 2 :, :] = True
+        diffs = compare_with_onnxruntime(model, path, torch.randn(args.batch_size + 1, 3, height, width), mask)
+        report.update({f"{k} {height}x{width}": v for k, v in diffs.items()})
+    print("max |onnxruntime - pytorch|: " + ", ".join(f"{k} {v:.2e}" for k, v in report.items()))
+    if max(report.values()) > args.tolerance:
+        raise SystemExit(f"error: ONNX outputs differ from PyTorch by more than {args.tolerance}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
