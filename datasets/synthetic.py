@@ -190,14 +190,14 @@ def _write_split(root: Path, split: str, size: int) -> None:
         file_name = f"{image_id:012d}.{'png' if index % 4 == 3 else 'jpg'}"
         image = PIL.Image.fromarray(sample["pixels"])
         if file_name.endswith(".png"):
-            image.save(image_dir / file_name)
+            image.save(image_dir / file_name, compress_level=1)
         else:
             image.save(image_dir / file_name, quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for annotation in sample["instances"]:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
         png_name = f"{image_id:012d}.png"
-        PIL.Image.fromarray(_encode_ids(sample["segment_ids"])).save(panoptic_dir / png_name)
+        PIL.Image.fromarray(_encode_ids(sample["segment_ids"])).save(panoptic_dir / png_name, compress_level=1)
         panoptic_annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": sample["segments"]})
 
     info = {"description": f"DETR synthetic shapes v{VERSION}", "version": str(VERSION)}
@@ -252,16 +252,16 @@ def _polygon(shape: str, x: float, y: float, w: float, h: float, flip: bool) -> 
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two stuff regions split by a sloped horizon, with low-frequency and fine noise: (pixels float [H, W, 3],
+    """Two stuff regions split by a sloped horizon, with low-frequency and fine noise: (pixels float32 [H, W, 3],
     stuff index [H, W] in {0, 1})."""
     horizon = height * rng.uniform(0.35, 0.7) + np.arange(width) * rng.uniform(-0.15, 0.15) * height / width
     stuff = (np.arange(height)[:, None] > horizon[None, :]).astype(np.int64)
-    colours = np.array([c for _, _, c in STUFF_CATEGORIES], dtype=np.float64) + rng.uniform(-18, 18, (2, 3))
-    coarse = np.asarray(
-        PIL.Image.fromarray(rng.uniform(0, 255, (6, 6)).astype(np.uint8)).resize((width, height), PIL.Image.BILINEAR),
-        dtype=np.float64,
+    colours = np.array([c for _, _, c in STUFF_CATEGORIES], dtype=np.float32) + rng.uniform(-18, 18, (2, 3))
+    coarse = PIL.Image.fromarray(rng.uniform(0, 255, (6, 6)).astype(np.uint8)).resize(
+        (width, height), PIL.Image.BILINEAR
     )
-    pixels = colours[stuff] + ((coarse - 127.5) * 0.09)[..., None] + rng.normal(0, 4.0, (height, width, 1))
+    shade = (np.asarray(coarse, dtype=np.float32) - 127.5) * 0.09 + rng.normal(0, 4.0, (height, width))
+    pixels = colours.astype(np.float32)[stuff] + shade.astype(np.float32)[..., None]
     return pixels, stuff
 
 
@@ -338,7 +338,8 @@ def render_sample(rng: np.random.Generator) -> dict[str, Any]:
                 "segmentation": segmentation,
             }
         )
-    pixels = np.clip(np.rint(pixels + rng.normal(0, 3.0, pixels.shape)), 0, 255).astype(np.uint8)
+    pixels += rng.normal(0, 3.0, (height, width, 1)).astype(np.float32)
+    pixels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
     segment_ids, segments = _panoptic(labels, objects)
     return {"pixels": pixels, "instances": instances, "segment_ids": segment_ids, "segments": segments}
 
