@@ -13,6 +13,7 @@ checkpoint of this project or a published one loads with strict=True.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,10 +32,6 @@ from util.class_names import class_name, resolve_class_names
 from util.misc import nested_tensor_from_tensor_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Published evaluation size: short side 800, long side at most 1333 (both times --input_scale).
-EVAL_SHORT_SIDE, EVAL_MAX_SIDE = 800, 1333
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -142,24 +139,20 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
     return list(found)
 
 
-def eval_size(width: int, height: int, input_scale: float = 1.0) -> tuple[int, int]:
-    """(height, width) after the published evaluation resize (short side 800, long side <= 1333, scaled)."""
-    size = int(round(EVAL_SHORT_SIDE * input_scale))
-    max_size = int(round(EVAL_MAX_SIDE * input_scale))
-    short, long = min(width, height), max(width, height)
-    if long / short * size > max_size:
-        size = int(round(max_size * short / long))
-    if short == size:
-        return height, width
-    if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
+@functools.lru_cache(maxsize=4)
+def _val_transform(input_scale: float):
+    from datasets.coco import make_coco_transforms
+
+    return make_coco_transforms("val", input_scale=input_scale)
 
 
 def eval_transform(image: Image.Image, input_scale: float = 1.0) -> Tensor:
-    """PIL RGB image -> normalised [3, H, W] float tensor at the evaluation size."""
-    resized = TF.resize(image, list(eval_size(image.width, image.height, input_scale)))
-    return TF.normalize(TF.to_tensor(resized), IMAGENET_MEAN, IMAGENET_STD)
+    """PIL RGB image -> normalised [3, H, W] float tensor at the evaluation size.
+
+    The published evaluation resize (short side 800, long side <= 1333, both times ``input_scale``) and
+    ImageNet normalisation, via ``datasets.coco.make_coco_transforms('val')``.
+    """
+    return _val_transform(float(input_scale))(image, None)[0]
 
 
 def open_rgb(path: Path) -> Image.Image:

@@ -46,15 +46,21 @@ def _checkpoint(tmp_path, *flags, name="ckpt.pth", plant=None, **extra):
     return path, model.eval(), args
 
 
-def test_eval_size_follows_the_published_rule():
+def test_eval_transform_follows_the_published_size_rule():
+    def shape(width, height, scale):
+        return tuple(predict.eval_transform(Image.new("RGB", (width, height)), scale).shape)
+
     # short side 80 (800 * 0.1), long side capped at 133 (1333 * 0.1)
-    assert predict.eval_size(64, 48, 0.1) == (80, 106)
+    assert shape(64, 48, 0.1) == (3, 80, 106)
     # 72 / 40 * 80 = 144 > 133: short side becomes round(133 * 40 / 72) = 74, long int(74 * 72 / 40) = 133
-    assert predict.eval_size(40, 72, 0.1) == (133, 74)
+    assert shape(40, 72, 0.1) == (3, 133, 74)
     # short side round(133 * 40 / 200) = 27, long int(27 * 200 / 40) = 135 (the published rounding)
-    assert predict.eval_size(40, 200, 0.1) == (135, 27)
-    assert predict.eval_size(1000, 800, 1.0) == (800, 1000)  # short side already 800: unchanged
-    assert tuple(predict.eval_transform(Image.new("RGB", (64, 48)), 0.1).shape) == (3, 80, 106)
+    assert shape(40, 200, 0.1) == (3, 135, 27)
+    assert shape(100, 80, 0.1) == (3, 80, 100)  # short side already 80: unchanged
+    # ImageNet normalisation: a white image becomes (1 - mean) / std per channel.
+    white = predict.eval_transform(Image.new("RGB", (80, 80), (255, 255, 255)), 0.1)
+    expected = [(1 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    torch.testing.assert_close(white.mean((1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
 
 
 def test_predictions_json_matches_the_model_outputs(tmp_path):
