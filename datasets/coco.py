@@ -42,8 +42,15 @@ def convert_coco_poly_to_mask(segmentations: list[Any], height: int, width: int)
     for segmentation in segmentations:
         if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
             rles = [segmentation]  # compressed RLE: already in pycocotools' format
+        elif isinstance(segmentation, dict):
+            rles = [mask_utils.frPyObjects(segmentation, height, width)]  # uncompressed RLE
         else:
-            rles = mask_utils.frPyObjects(segmentation, height, width)
+            # Polygons need 3 points; shorter ones (a few exist in COCO) would be misread as boxes.
+            polygons = [polygon for polygon in segmentation if len(polygon) >= 6]
+            if not polygons:
+                masks.append(torch.zeros((height, width), dtype=torch.uint8))
+                continue
+            rles = mask_utils.frPyObjects(polygons, height, width)
         decoded = mask_utils.decode(rles)
         if decoded.ndim == 3:
             decoded = decoded.any(axis=2)

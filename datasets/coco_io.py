@@ -143,6 +143,8 @@ def _validate(data: Any, path: str) -> None:
             raise DatasetError(f"{path}: missing or non-list key '{key}' (a COCO instances file needs it)")
     for index, image in enumerate(data["images"]):
         _require_keys(image, _IMAGE_KEYS, f"{path}: images[{index}]")
+        if not isinstance(image["id"], int):
+            raise DatasetError(f"{path}: images[{index}] id must be an integer, got {image['id']!r}")
         if not all(isinstance(image[k], int) and image[k] > 0 for k in ("width", "height")):
             raise DatasetError(f"{path}: image id {image['id']} has invalid width/height (positive integers needed)")
     category_ids = set()
@@ -153,6 +155,8 @@ def _validate(data: Any, path: str) -> None:
         category_ids.add(category["id"])
     for index, annotation in enumerate(data["annotations"]):
         _require_keys(annotation, _ANNOTATION_KEYS, f"{path}: annotations[{index}]")
+        if not isinstance(annotation["image_id"], int):
+            raise DatasetError(f"{path}: annotation id {annotation['id']} image_id must be an integer")
         bbox = annotation["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise DatasetError(f"{path}: annotation id {annotation['id']} bbox must be 4 numbers [x, y, w, h]")

@@ -85,6 +85,7 @@ def test_annotation_json_that_does_not_parse(tmp_path):
         (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "bbox must be 4 numbers"),
         (lambda d: d["annotations"][0].update(category_id=99), "category_id 99, which is not in 'categories'"),
         (lambda d: d["images"][0].update(width=0), "invalid width/height"),
+        (lambda d: d["images"][0].update(id="7"), r"images\[0\] id must be an integer"),
         (lambda d: d.__setitem__("categories", "x"), "non-list key 'categories'"),
     ],
 )

@@ -12,9 +12,10 @@ import PIL.Image
 import pytest
 import torch
 from conftest import parse_tiny_args
+from pycocotools import mask as mask_utils
 
 import datasets
-from datasets.coco import CocoDetection, ConvertCocoPolysToMask
+from datasets.coco import CocoDetection, ConvertCocoPolysToMask, convert_coco_poly_to_mask
 from datasets.errors import DatasetError
 
 CATEGORIES = [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 11, "name": "c"}]
@@ -70,7 +71,7 @@ def test_dataset_returns_decoded_image_and_target(tmp_path):
     dataset = CocoDetection(tmp_path / "val2017", ann_file, transforms=None, return_masks=False)
     assert len(dataset) == 1 and dataset.ids == [7]
     image, target = dataset[0]
-    expected = np.asarray(PIL.Image.open(tmp_path / "val2017" / "a.png"))
+    expected = np.array(PIL.Image.open(tmp_path / "val2017" / "a.png"))
     assert image.dtype == torch.uint8 and torch.equal(image, torch.from_numpy(expected).permute(2, 0, 1))
     assert target["boxes"].tolist() == [[1, 2, 4, 6]] and target["labels"].tolist() == [2]
     assert target["area"].tolist() == [12.0]  # filled in from the bbox when the file has no 'area'
@@ -137,3 +138,19 @@ def test_synthetic_dataset_is_the_default_without_coco_path(tmp_path):
         image, target = val[0]
         assert target["masks"].shape[-2:] == image.shape[-2:] == tuple(target["size"].tolist())
     assert len(list(tmp_path.iterdir())) == 2  # one dataset folder plus its lock file, generated once
+
+
+def test_segmentation_formats_to_masks():
+    expected = np.zeros((10, 12), dtype=np.uint8)
+    expected[2:5, 3:9] = 1
+    column_major = expected.flatten(order="F")
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], column_major, [1 - column_major[-1]]])))
+    uncompressed = {"counts": np.diff(np.concatenate([[0], changes])).tolist(), "size": [10, 12]}
+    compressed = mask_utils.encode(np.asfortranarray(expected))
+    compressed["counts"] = compressed["counts"].decode()  # as stored in JSON
+    two_parts = [[3, 2, 9, 2, 9, 5, 3, 5], [0, 8, 2, 8, 2, 10, 0, 10]]
+    masks = convert_coco_poly_to_mask([uncompressed, compressed, two_parts, [], [[1, 2, 3, 4]]], 10, 12)
+    assert masks.shape == (5, 10, 12) and masks.dtype == torch.uint8
+    assert torch.equal(masks[0], torch.from_numpy(expected)) and torch.equal(masks[1], masks[0])
+    assert torch.equal(masks[2][:8], masks[0][:8]) and masks[2][8:, :2].all()  # union of both polygons
+    assert masks[3].sum() == 0 and masks[4].sum() == 0  # empty and degenerate polygons give empty masks
