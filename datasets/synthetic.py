@@ -53,7 +53,7 @@ THING_CATEGORIES = (
 STUFF_CATEGORIES = ((14, "wall", (150, 142, 128)), (17, "floor", (98, 102, 110)))
 
 # Object side-length classes: (probability, low, high) in pixels; mostly medium and large.
-_SIZE_CLASSES = ((0.04, 5, 9), (0.14, 10, 30), (0.60, 38, 80), (0.22, 81, 150))
+_SIZE_CLASSES = ((0.03, 5, 9), (0.10, 10, 30), (0.62, 44, 90), (0.25, 91, 150))
 _ELLIPSE = [(0.5 + 0.5 * np.cos(t), 0.5 + 0.5 * np.sin(t)) for t in np.linspace(0, 2 * np.pi, 28, endpoint=False)]
 _STAR = [
     (0.5 + r * np.sin(t), 0.5 - r * np.cos(t))
