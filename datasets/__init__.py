@@ -15,7 +15,7 @@ from datasets import coco
 from datasets.coco_io import load_coco_json, max_category_id
 from datasets.errors import DatasetError
 
-__all__ = ["DatasetError", "build_dataset", "get_coco_api_from_dataset", "num_classes_for"]
+__all__ = ["DatasetError", "build_dataset", "get_coco_api_from_dataset", "num_classes_for", "skipped_samples"]
 
 DATASET_FILES = ("coco", "synthetic", "coco_panoptic")
 # Classifier size when args.num_classes is None: the published values (models fall back to the same).
@@ -27,11 +27,24 @@ def get_coco_api_from_dataset(dataset: Any) -> Any:
 
     Returns None for a dataset without one, as published.
     """
+    return getattr(_unwrap(dataset), "coco", None)
+
+
+def _unwrap(dataset: Any) -> Any:
     for _ in range(10):
         if not isinstance(dataset, torch.utils.data.Subset):
             break
         dataset = dataset.dataset
-    return getattr(dataset, "coco", None)
+    return dataset
+
+
+def skipped_samples(dataset: Any) -> int:
+    """Samples skipped so far with --skip_bad_images (summed over DataLoader workers; 0 if not tracked).
+
+    The count lives in shared memory, so it is read here in the main process while workers add to it.
+    Per process: sum it over ranks if a global figure is wanted.
+    """
+    return int(getattr(_unwrap(dataset), "skipped", 0))
 
 
 def _check_dataset_file(args: argparse.Namespace) -> None:

@@ -285,7 +285,12 @@ def coco_paths(image_set: str, args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def build(image_set: str, args: argparse.Namespace) -> CocoDetection:
-    """The COCO (or synthetic, or custom COCO-format) detection dataset of split 'train' or 'val'."""
+    """The COCO (or synthetic, or custom COCO-format) detection dataset of split 'train' or 'val'.
+
+    Reads --coco_path / --{train,val}_{img_folder,ann_file}, --masks, --input_scale and --skip_bad_images
+    (training replaces a skipped sample by the next one; evaluation drops it). The published
+    --remove_difficult flag is accepted and, as published, has no effect on COCO.
+    """
     img_folder, ann_file = coco_paths(image_set, args)
     skip = bool(getattr(args, "skip_bad_images", False))
     return CocoDetection(

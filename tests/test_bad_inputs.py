@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_coco_dataset import ann, write_coco
 
+from datasets import skipped_samples
 from datasets.coco import CocoDetection
 from datasets.coco_io import read_image_rgb
 from datasets.errors import DatasetError
@@ -169,3 +170,4 @@ def test_worker_errors_reach_the_main_process_clearly_and_skips_are_counted(tmp_
     assert [len(targets) for _, targets in batches] == [1, 0]  # [bad, good] and [missing]
     assert batches[1][0] is None and batches[0][1][0]["image_id"].item() == 2
     assert skipping.skipped == 2  # counted inside the worker processes, visible here
+    assert skipped_samples(torch.utils.data.Subset(skipping, [0])) == 2 and skipped_samples([1]) == 0
