@@ -80,7 +80,6 @@ def test_masks_to_boxes_hand_values():
     assert masks_to_boxes(torch.zeros(0, 4, 4)).shape == (0, 4)
 
 
-@pytest.mark.xfail(reason="util/box_ops.masks_to_boxes: uint8 masks hit masked_fill with a uint8 mask (lead to fix)")
 def test_masks_to_boxes_accepts_uint8_masks():
     masks = torch.zeros(2, 6, 8, dtype=torch.uint8)
     masks[0, 1:4, 2:7] = 1

@@ -78,6 +78,6 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     if masks.numel() == 0:
         return torch.zeros((0, 4), device=masks.device, dtype=torch.float)
     boxes = ops.masks_to_boxes(masks.bool())
-    empty = ~masks.flatten(1).any(1)
+    empty = ~masks.flatten(1).bool().any(1)
     boxes[empty] = 0
     return boxes
