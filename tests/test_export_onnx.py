@@ -40,7 +40,11 @@ def test_fixed_size_export_matches_pytorch(tmp_path):
         compare_with_onnxruntime(model, path, images, padded)
 
 
-def test_dynamic_export_with_mask_from_checkpoint_cli(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def dynamic_export(tmp_path_factory):
+    """A tiny model exported by the CLI with dynamic sizes and the mask input, checked by --check."""
+    tmp_path = tmp_path_factory.mktemp("onnx")
+    torch.manual_seed(0)
     args = parse_tiny_args()
     model = build_model(args)[0].eval()
     save_checkpoint({"model": model.state_dict(), "args": vars(args)}, tmp_path / "ckpt.pth")
@@ -60,9 +64,13 @@ def test_dynamic_export_with_mask_from_checkpoint_cli(tmp_path, capsys):
             "--check",
         ]
     )
+    return model, out, report
+
+
+def test_dynamic_export_with_mask_from_checkpoint_cli(dynamic_export):
+    model, out, report = dynamic_export
     assert set(report) == {f"{name} {size}" for name in ("pred_logits", "pred_boxes") for size in ("96x128", "72x160")}
     assert max(report.values()) < TOLERANCE
-    assert "max |onnxruntime - pytorch|" in capsys.readouterr().out
 
     # A third size, batch of two with a padded image: ONNX equals the model run on the NestedTensor batch.
     images = torch.randn(2, 3, 64, 192)
@@ -71,3 +79,17 @@ def test_dynamic_export_with_mask_from_checkpoint_cli(tmp_path, capsys):
     mask[1, :, 100:] = True
     diffs = compare_with_onnxruntime(model, out, images, mask)
     assert max(diffs.values()) < TOLERANCE
+
+
+@pytest.mark.xfail(
+    reason="models/backbone.py downsamples the padding mask with F.interpolate(nearest); ONNX Resize computes "
+    "the source row as dst / (out / in), which falls just below an integer when a padding edge lies exactly on "
+    "a sampled row (60 -> 2 rows: row 30), so one feature row flips. Requested: index-based nearest.",
+    strict=False,
+)
+def test_padding_edge_on_a_sampled_feature_row(dynamic_export):
+    model, out, _ = dynamic_export
+    images = torch.randn(2, 3, 60, 138)
+    mask = torch.zeros(2, 60, 138, dtype=torch.bool)
+    mask[1, 30:, :] = True  # feature rows sample input rows 0 and 30
+    assert max(compare_with_onnxruntime(model, out, images, mask).values()) < TOLERANCE
