@@ -15,7 +15,6 @@ from collections import OrderedDict
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
@@ -144,7 +143,7 @@ class Backbone(nn.Module):
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         out: dict[str, NestedTensor] = OrderedDict()
         for key, feature in self.body(images).items():
-            feature_mask = F.interpolate(mask[None].float(), size=feature.shape[-2:], mode="nearest")[0].bool()
+            feature_mask = _downsample_mask_nearest(mask, feature.shape[-2:])
             out[key] = NestedTensor(feature, feature_mask)
         return out
 
@@ -173,3 +172,15 @@ def build_backbone(args: argparse.Namespace) -> Joiner:
         weights=getattr(args, "backbone_weights", "imagenet"),
     )
     return Joiner(backbone, build_position_encoding(args))
+
+
+def _downsample_mask_nearest(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a [B, H, W] bool mask, equal to ``F.interpolate(mode="nearest")``.
+
+    Indexing with explicit source rows/columns instead of interpolating keeps ONNX exports exact: ONNX's
+    nearest resize can round a source coordinate like 29.9999 differently and flip a whole mask row.
+    """
+    height, width = mask.shape[-2:]
+    rows = (torch.arange(size[0], device=mask.device) * (height / size[0])).floor().long().clamp(max=height - 1)
+    cols = (torch.arange(size[1], device=mask.device) * (width / size[1])).floor().long().clamp(max=width - 1)
+    return mask[:, rows][:, :, cols]

@@ -117,3 +117,14 @@ def test_imagenet_from_hub_cache_without_network(monkeypatch, tmp_path, resnet18
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("must not download"))
     body = build_backbone(parse_tiny_args("--backbone_weights", "imagenet"))[0].body
     torch.testing.assert_close(body.conv1.weight, state["conv1.weight"])
+
+
+def test_mask_downsampling_equals_nearest_interpolation():
+    from models.backbone import _downsample_mask_nearest
+
+    generator = torch.Generator().manual_seed(0)
+    for height, width, stride in [(30, 60, 32), (61, 17, 16), (128, 96, 8), (7, 5, 4), (100, 33, 32)]:
+        mask = torch.rand(2, height, width, generator=generator) > 0.5
+        size = (-(-height // stride), -(-width // stride))
+        expected = torch.nn.functional.interpolate(mask[None].float(), size=size, mode="nearest")[0].bool()
+        assert torch.equal(_downsample_mask_nearest(mask, size), expected)

@@ -81,12 +81,6 @@ def test_dynamic_export_with_mask_from_checkpoint_cli(dynamic_export):
     assert max(diffs.values()) < TOLERANCE
 
 
-@pytest.mark.xfail(
-    reason="models/backbone.py downsamples the padding mask with F.interpolate(nearest); ONNX Resize computes "
-    "the source row as dst / (out / in), which falls just below an integer when a padding edge lies exactly on "
-    "a sampled row (60 -> 2 rows: row 30), so one feature row flips. Requested: index-based nearest.",
-    strict=False,
-)
 def test_padding_edge_on_a_sampled_feature_row(dynamic_export):
     model, out, _ = dynamic_export
     images = torch.randn(2, 3, 60, 138)
