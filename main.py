@@ -308,6 +308,7 @@ def _report_predictions(output_dir: Path | None, coco_evaluator) -> None:
         table = format_per_category_table(per_category_ap(coco_eval))
         log.info("per-category AP (%s, IoU 0.50:0.95):\n%s", iou_type, table)
         if output_dir is not None:
+            (output_dir / "eval").mkdir(parents=True, exist_ok=True)
             path = coco_evaluator.dump_results(output_dir / "eval" / f"predictions_{iou_type}.json", iou_type)
             (output_dir / "eval" / f"per_category_{iou_type}.txt").write_text(table + "\n", encoding="utf-8")
             log.info("predictions (COCO results format): %s", path)
@@ -328,8 +329,8 @@ def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args) 
 
 
 def _summary(stats: dict[str, Any]) -> str:
-    keys = [k for k in ("train_loss", "train_lr", "test_loss") if k in stats]
-    parts = [f"{k[:-5] if k.endswith('_loss') else k} {stats[k]:.4g}" for k in keys]
+    names = {"train_loss": "loss", "train_lr": "lr", "test_loss": "val loss"}
+    parts = [f"{name} {stats[key]:.4g}" for key, name in names.items() if key in stats]
     if "test_coco_eval_bbox" in stats:
         parts.append(f"AP {stats['test_coco_eval_bbox'][0]:.3f}")
     return ", ".join(parts)
@@ -351,12 +352,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """
     from engine import NonFiniteLossError
 
+    args.start_time = time.time()  # wall-clock origin of 'elapsed_time' in log.txt (set-up included)
     if not hasattr(args, "_explicit"):
         apply_config(args, get_args_parser())  # a Namespace built in Python: apply its --config here
-    device = dist_utils.select_device(args.device, is_explicit(args, "device"), dist_utils.local_rank_from_env())
+    rank, _, local_rank = dist_utils.launcher_ranks()
+    setup_console(rank == 0)
+    device = dist_utils.select_device(args.device, is_explicit(args, "device"), local_rank)
     args.device = str(device)
     dist_utils.init_distributed_mode(args, device)
-    setup_console(dist_utils.is_main_process())
     try:
         return _run(args, device)
     except NonFiniteLossError as e:
@@ -475,9 +478,11 @@ def _train(args, device, model, model_without_ddp, criterion, postprocessors, op
                 logger.scalars(dict(zip(STAT_NAMES, test_stats["coco_eval_bbox"])), step=epoch, prefix="test/bbox_")
             if is_main:
                 _write_eval_outputs(output_dir, coco_evaluator, epoch)
-        log_stats.update(epoch=epoch, n_parameters=n_parameters)
+        now = time.time()
+        log_stats.update(epoch=epoch, n_parameters=n_parameters, epoch_time=now - epoch_start)
+        log_stats.update(elapsed_time=now - args.start_time)
         logger.log_epoch(log_stats)
-        log.info("epoch %d: %s (%.1f s)", epoch, _summary(log_stats), time.time() - epoch_start)
+        log.info("epoch %d: %s (%.1f s)", epoch, _summary(log_stats), log_stats["epoch_time"])
 
     log.info("training time %.1f s", time.time() - start)
     if "coco_eval_bbox" in test_stats:

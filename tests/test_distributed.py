@@ -28,8 +28,7 @@ def test_torchrun_variables(clean_env):
     clean_env.setenv("RANK", "5")
     clean_env.setenv("WORLD_SIZE", "8")
     clean_env.setenv("LOCAL_RANK", "1")
-    assert dist_utils._env_ranks() == (5, 8, 1)
-    assert dist_utils.local_rank_from_env() == 1
+    assert dist_utils.launcher_ranks() == (5, 8, 1)
 
 
 def test_slurm_variables_set_the_rendezvous(clean_env):
@@ -50,6 +49,7 @@ def test_first_slurm_host(nodelist, host):
 
 
 def test_single_process_defaults(clean_env):
+    assert dist_utils.launcher_ranks() == (0, 1, 0)
     args = argparse.Namespace(dist_url="env://", dist_timeout=1)
     dist_utils.init_distributed_mode(args, torch.device("cpu"))
     assert (args.distributed, args.rank, args.world_size) == (False, 0, 1)

@@ -83,10 +83,9 @@ def _env_ranks() -> tuple[int, int, int] | None:
     return None
 
 
-def local_rank_from_env() -> int:
-    """This process's index on its node (0 outside a launcher)."""
-    ranks = _env_ranks()
-    return 0 if ranks is None else ranks[2]
+def launcher_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) announced by torchrun or SLURM; (0, 1, 0) outside a launcher."""
+    return _env_ranks() or (0, 1, 0)
 
 
 def init_distributed_mode(args: argparse.Namespace, device: torch.device) -> None:
@@ -108,7 +107,7 @@ def init_distributed_mode(args: argparse.Namespace, device: torch.device) -> Non
     dist.init_process_group(
         backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, timeout=timeout
     )
-    log.info("| distributed init (rank %d of %d, %s): %s", args.rank, args.world_size, backend, args.dist_url)
+    log.info("distributed init (rank %d of %d, %s): %s", args.rank, args.world_size, backend, args.dist_url)
 
 
 def cleanup() -> None:

@@ -21,15 +21,25 @@ from util import distributed as dist_utils
 LOGGER_NAME = "detr"
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is now (so redirections made later are honoured)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_console(is_main: bool) -> logging.Logger:
     """Plain ``message`` lines on stdout from the main process; other processes print warnings only."""
     logger = logging.getLogger(LOGGER_NAME)
-    if not any(getattr(h, "_detr_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._detr_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-        logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     return logger
 

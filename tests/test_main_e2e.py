@@ -1,0 +1,135 @@
+"""End to end through main(): train on generated data, checkpoint, log, resume-evaluate, NaN stop, torchrun."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_FLAGS, parse_tiny_args
+
+import main as main_module
+import models
+from util.checkpoint import load_checkpoint
+from util.logging import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_FLAGS = ["--synthetic_train_size", "4", "--synthetic_val_size", "2", "--input_scale", "0.1"]
+RUN_FLAGS = [*DATA_FLAGS, "--batch_size", "2", "--lr", "1e-3", "--lr_backbone", "0", "--no_progress"]
+
+
+def _args(data_dir: Path, out_dir: Path, *extra: str):
+    args = parse_tiny_args(*RUN_FLAGS, "--synthetic_dir", str(data_dir), "--output_dir", str(out_dir), *extra)
+    args._explicit = frozenset({"device"})  # as parse_args() would record for the explicit --device cpu
+    return args
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two epochs of a tiny model on 4 generated images; returns (data dir, output dir, returned stats)."""
+    base = tmp_path_factory.mktemp("e2e")
+    data, out = base / "data", base / "run"
+    stats = main_module.main(_args(data, out, "--epochs", "2", "--lr_drop", "1"))
+    return data, out, stats
+
+
+@pytest.mark.slow
+def test_training_writes_log_checkpoints_and_config(trained):
+    _, out, stats = trained
+    lines = read_log(out / "log.txt")
+    assert [line["epoch"] for line in lines] == [0, 1]
+    for line in lines:
+        assert len(line["test_coco_eval_bbox"]) == 12
+        assert {"train_loss", "train_loss_ce", "train_lr", "test_loss", "n_parameters", "elapsed_time"} <= set(line)
+    assert lines[1]["train_loss"] < lines[0]["train_loss"]
+    assert lines[1]["train_lr"] == pytest.approx(lines[0]["train_lr"] * 0.1)  # StepLR(lr_drop=1)
+    assert stats["coco_eval_bbox"] == lines[1]["test_coco_eval_bbox"]
+
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "args"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and isinstance(ckpt["args"], dict) and ckpt["args"]["hidden_dim"] == 32
+    # lr_drop 1: a numbered copy is kept before every LR drop (published rule).
+    assert (out / "checkpoint0000.pth").is_file() and (out / "checkpoint0001.pth").is_file()
+    assert load_checkpoint(out / "checkpoint0000.pth")["epoch"] == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["hidden_dim"] == 32 and resolved["num_classes"] == 13  # synthetic ids go up to 12
+    assert (out / "eval" / "latest.pth").is_file() and (out / "eval" / "000.pth").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_eval_resume_reproduces_the_last_evaluation(trained, tmp_path, capsys):
+    data, out, _ = trained
+    last = read_log(out / "log.txt")[-1]
+    stats = main_module.main(_args(data, tmp_path, "--eval", "--resume", str(out / "checkpoint.pth")))
+    assert stats["coco_eval_bbox"] == last["test_coco_eval_bbox"]
+    assert stats["loss"] == last["test_loss"]  # not just zeros: the losses are reproduced exactly too
+    predictions = json.loads((tmp_path / "eval" / "predictions_bbox.json").read_text())
+    assert len(predictions) == 2 * 10  # 2 val images x 10 queries
+    assert json.loads((tmp_path / "eval" / "stats.json").read_text())["test_coco_eval_bbox"] == stats["coco_eval_bbox"]
+    assert "per-category AP (bbox" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(trained, tmp_path, monkeypatch):
+    data, out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("checkpoint0*", "tensorboard", "eval"))
+    before = {name: _sha(run / name) for name in ("checkpoint.pth", "log.txt")}
+    build_model = models.build_model
+
+    def build_with_nan_loss(args):
+        model, criterion, postprocessors = build_model(args)
+        forward = criterion.forward
+
+        def nan_forward(outputs, targets):
+            losses = forward(outputs, targets)
+            losses["loss_bbox"] = losses["loss_bbox"] + float("nan")
+            return losses
+
+        criterion.forward = nan_forward
+        return model, criterion, postprocessors
+
+    monkeypatch.setattr(models, "build_model", build_with_nan_loss)
+    args = _args(data, run, "--resume", str(run / "checkpoint.pth"), "--epochs", "3", "--lr_drop", "1")
+    with pytest.raises(SystemExit, match=r"non-finite loss .* at epoch 2.*loss_bbox=nan"):
+        main_module.main(args)
+    assert {name: _sha(run / name) for name in before} == before
+    assert not (run / "checkpoint0002.pth").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "run"
+    flags = [*TINY_FLAGS, *RUN_FLAGS, "--synthetic_dir", str(tmp_path / "data"), "--output_dir", str(out),
+             "--epochs", "1", "--max_iters_per_epoch", "2", "--num_workers", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py", *flags]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed init (rank 0 of 2, gloo)" in result.stdout
+    lines = read_log(out / "log.txt")
+    assert len(lines) == 1 and len(lines[0]["test_coco_eval_bbox"]) == 12
+    assert load_checkpoint(out / "checkpoint.pth")["args"]["world_size"] == 2
+    assert result.stdout.count("final COCO AP") == 1  # only rank 0 reports
+
+
+def test_frozen_weights_needs_masks(tmp_path):
+    with pytest.raises(ValueError, match="--masks"):
+        main_module.main(_args(tmp_path, tmp_path / "run", "--frozen_weights", "x.pth"))
+
+
+def test_too_small_training_set_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fewer than --batch_size 8"):
+        main_module.main(_args(tmp_path / "data", tmp_path / "run", "--batch_size", "8"))
