@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -17,21 +16,14 @@ from tqdm import tqdm
 
 from datasets.coco_eval import CocoEvaluator
 from util import distributed as dist_utils
+from util.amp import autocast_context, optimizer_step
 from util.logging import MetricTracker, RunLogger
 
 log = logging.getLogger("detr")
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the caller stops without saving this epoch."""
-
-
-def autocast(device: torch.device, amp: str = "off") -> contextlib.AbstractContextManager:
-    """Mixed-precision context for the model forward ('off', 'bf16' or 'fp16')."""
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
 
 
 def _to_float32(outputs: Any) -> Any:
@@ -86,13 +78,15 @@ def train_one_epoch(
 
     Returns:
         Epoch means over all processes: 'loss', weighted loss terms, '<term>_unscaled', 'class_error',
-        'lr', 'grad_norm' (the published log names).
+        'lr', 'grad_norm' (the published log names); 'amp_overflow_steps' (a count) after fp16 overflows.
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (naming the offending terms).
     """
     model.train()
     criterion.train()
+    if scaler is None:
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
     tracker = MetricTracker()
     n_iters = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -109,7 +103,7 @@ def train_one_epoch(
         data_time = time.perf_counter() - tic
         samples = samples.to(device, non_blocking=True)
         targets = _targets_to(targets, device)
-        with autocast(device, amp):
+        with autocast_context(device.type, amp):
             outputs = model(samples)
         loss_dict = criterion(_to_float32(outputs), targets)
         weight_dict = criterion.weight_dict
@@ -132,29 +126,22 @@ def train_one_epoch(
             bar.close()
             raise NonFiniteLossError(message)
 
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(losses).backward()
-            scaler.unscale_(optimizer)
-        else:
-            losses.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-        if scaler is not None and scaler.is_enabled():
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        grad_norm = optimizer_step(losses, optimizer, scaler, max_norm, params).item()
 
         lr = optimizer.param_groups[0]["lr"]
         iter_time = time.perf_counter() - tic
         batch = len(targets)
         tracker.update(n=batch, loss=loss_value, **terms)
-        tracker.update(lr=lr, grad_norm=grad_norm.item(), iter_time=iter_time, data_time=data_time)
+        tracker.update(lr=lr, iter_time=iter_time, data_time=data_time)
+        if math.isfinite(grad_norm):
+            tracker.update(grad_norm=grad_norm)
+        else:  # an fp16 overflow: the scaler skipped this step and lowers its scale; counted, not fatal
+            tracker.add("amp_overflow_steps")
         if "class_error" in reduced:
             tracker.update(n=batch, class_error=reduced["class_error"])
         if logger is not None:
             scalars = {"loss": loss_value, **{k: v for k, v in terms.items() if k in weight_dict}}
-            scalars.update(lr=lr, grad_norm=grad_norm.item(), iter_time=iter_time, data_time=data_time)
+            scalars.update(lr=lr, grad_norm=grad_norm, iter_time=iter_time, data_time=data_time)
             logger.scalars(scalars, step=epoch * n_iters + i, prefix="train/")
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update()
@@ -213,7 +200,7 @@ def evaluate(
     ):
         samples = samples.to(device, non_blocking=True)
         targets = _targets_to(targets, device)
-        with autocast(device, amp):
+        with autocast_context(device.type, amp):
             outputs = model(samples)
         outputs = _to_float32(outputs)
         if criterion is not None:

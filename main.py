@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from util import distributed as dist_utils
+from util.acceleration import apply_channels_last, compile_model
+from util.amp import make_grad_scaler
 from util.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from util.config import ConfigError, apply_config, config_dict, dump_config, is_explicit, parse_args_with_config
 from util.logging import RunLogger, setup_console
@@ -387,10 +389,9 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     criterion.to(device)
     model_without_ddp = model
     if args.channels_last:
-        model_without_ddp.backbone.to(memory_format=torch.channels_last)
-    if args.compile:
-        model_without_ddp.backbone.compile()  # in place: state-dict keys are unchanged
-        model_without_ddp.transformer.compile()
+        apply_channels_last(model_without_ddp)
+    if args.compile:  # in place: state-dict keys are unchanged; padded sizes (size_divisibility) give static shapes
+        compile_model(model_without_ddp, dynamic=None if args.size_divisibility == 1 else False)
     if args.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -399,7 +400,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     optimizer = build_optimizer(model_without_ddp, args)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    scaler = make_grad_scaler(args.amp, device.type)
 
     dataset_val = datasets.build_dataset("val", args)
     dataset_train = None if args.eval else datasets.build_dataset("train", args)

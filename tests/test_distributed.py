@@ -70,6 +70,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     reduced = dist_utils.reduce_dict({"loss": torch.tensor(float(rank + 1)), "b": torch.tensor(10.0 * rank)})
     tracker = MetricTracker()
     tracker.update(n=rank + 1, loss=float(rank))  # rank 0: one sample of 0, rank 1: two samples of 1
+    tracker.add("overflows", rank + 1)
     tracker.synchronize()
     gathered = dist_utils.all_gather_object({"rank": rank})
     queue.put((rank, args.distributed, {k: v.item() for k, v in reduced.items()}, tracker.means(), gathered))
@@ -89,4 +90,5 @@ def test_two_process_collectives():
         assert distributed
         assert reduced == {"loss": 1.5, "b": 5.0}  # means over the two processes
         assert means["loss"] == pytest.approx(2 / 3)  # weighted by counts across processes
+        assert means["overflows"] == 3  # totals add up
         assert gathered == [{"rank": 0}, {"rank": 1}]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -116,13 +117,20 @@ def test_torchrun_two_processes(tmp_path):
              "--epochs", "1", "--max_iters_per_epoch", "2", "--num_workers", "0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py", *flags]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "distributed init (rank 0 of 2, gloo)" in result.stdout
+    # Own process group: on a timeout the workers die with torchrun instead of lingering.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "distributed init (rank 0 of 2, gloo)" in stdout
     lines = read_log(out / "log.txt")
     assert len(lines) == 1 and len(lines[0]["test_coco_eval_bbox"]) == 12
     assert load_checkpoint(out / "checkpoint.pth")["args"]["world_size"] == 2
-    assert result.stdout.count("final COCO AP") == 1  # only rank 0 reports
+    assert stdout.count("final COCO AP") == 1  # only rank 0 reports
 
 
 def test_frozen_weights_needs_masks(tmp_path):

@@ -45,11 +45,12 @@ def setup_console(is_main: bool) -> logging.Logger:
 
 
 class MetricTracker:
-    """Running means of named scalars; ``synchronize`` merges the sums and counts of every process."""
+    """Running means (and plain totals) of named scalars; ``synchronize`` merges those of every process."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+        self.totals: dict[str, float] = defaultdict(float)
 
     def update(self, n: int = 1, **values: float | torch.Tensor) -> None:
         """Add each value ``n`` times (e.g. a batch mean with n = batch size)."""
@@ -58,17 +59,25 @@ class MetricTracker:
             self.sums[name] += value * n
             self.counts[name] += n
 
+    def add(self, name: str, amount: float = 1.0) -> None:
+        """Count events (reported as a total, not a mean)."""
+        self.totals[name] += amount
+
     def synchronize(self) -> None:
         """Sum the statistics over processes (every process must call it with the same names)."""
         if dist_utils.get_world_size() == 1:
             return
         names = sorted(self.sums)
-        totals = torch.tensor([[self.sums[k], self.counts[k]] for k in names], dtype=torch.float64)
-        for name, (total, count) in zip(names, dist_utils.all_reduce_sum(totals).tolist()):
+        local = [[self.sums[k], self.counts[k]] for k in names] + [[v, 0] for v in self.totals.values()]
+        merged = dist_utils.all_reduce_sum(torch.tensor(local, dtype=torch.float64).reshape(-1, 2)).tolist()
+        for name, (total, count) in zip(names, merged):
             self.sums[name], self.counts[name] = total, int(count)
+        for name, (total, _) in zip(list(self.totals), merged[len(names) :]):
+            self.totals[name] = total
 
     def means(self) -> dict[str, float]:
-        return {k: self.sums[k] / max(self.counts[k], 1) for k in self.sums}
+        """Means of the ``update`` values plus the ``add`` totals."""
+        return {**{k: self.sums[k] / max(self.counts[k], 1) for k in self.sums}, **self.totals}
 
 
 class RunLogger:
