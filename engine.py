@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -66,6 +66,8 @@ def train_one_epoch(
     amp: str = "off",
     scaler: torch.amp.GradScaler | None = None,
     skip_nonfinite: int = 0,
+    start_iteration: int = 0,
+    on_step: Callable[[int], bool] | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader`` (at most ``max_iters`` batches).
 
@@ -75,6 +77,10 @@ def train_one_epoch(
         progress: tqdm bar (loss, lr, ETA) on the main process.
         amp: mixed precision of the forward pass; ``scaler`` (a GradScaler) is needed for 'fp16'.
         skip_nonfinite: batches with a non-finite loss that may be skipped before stopping.
+        start_iteration: batches of this epoch trained before a mid-epoch resume; ``data_loader`` already
+            starts after them (it yields the remaining ones), this only offsets the counters.
+        on_step: called after every optimizer step with the number of batches of the epoch done; returning
+            True ends the epoch there (e.g. on a preemption signal).
 
     Returns:
         Epoch means over all processes: 'loss', weighted loss terms, '<term>_unscaled', 'class_error',
@@ -92,6 +98,7 @@ def train_one_epoch(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(
         total=n_iters,
+        initial=start_iteration,
         desc=f"Epoch {epoch}",
         disable=not (progress and dist_utils.is_main_process()),
         dynamic_ncols=True,
@@ -99,7 +106,8 @@ def train_one_epoch(
     )
     skipped = 0
     tic = time.perf_counter()
-    for i, (samples, targets) in enumerate(itertools.islice(data_loader, n_iters)):
+    batches = itertools.islice(data_loader, max(n_iters - start_iteration, 0))
+    for i, (samples, targets) in enumerate(batches, start=start_iteration):
         data_time = time.perf_counter() - tic
         samples = samples.to(device, non_blocking=True)
         targets = _targets_to(targets, device)
@@ -122,6 +130,7 @@ def train_one_epoch(
                 log.warning(
                     "warning: %s; skipping this batch (%d of --skip_nonfinite %d)", message, skipped, skip_nonfinite
                 )
+                tic = time.perf_counter()
                 continue
             bar.close()
             raise NonFiniteLossError(message)
@@ -145,6 +154,8 @@ def train_one_epoch(
             logger.scalars(scalars, step=epoch * n_iters + i, prefix="train/")
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update()
+        if on_step is not None and on_step(i + 1):
+            break
         tic = time.perf_counter()
     bar.close()
     tracker.synchronize()

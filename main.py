@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import logging
 import random
@@ -22,11 +23,12 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from util import distributed as dist_utils
 from util.acceleration import apply_channels_last, compile_model
 from util.amp import make_grad_scaler
-from util.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from util.config import ConfigError, apply_config, config_dict, dump_config, is_explicit, parse_args_with_config
+from util.checkpoint import CheckpointError, save_checkpoint
+from util.config import ConfigError, apply_config, dump_config, is_explicit, parse_args_with_config
 from util.logging import RunLogger, setup_console
 from util.misc import collate_fn
-from util.rng_state import capture_rng_state, restore_rng_state
+from util.preemption import PreemptionHandler, requeue_slurm_job
+from util.run_state import TrainState, checkpoint_paths, load_weights
 
 # models, datasets and engine are imported inside main(): get_args_parser() stays cheap and importable alone.
 log = logging.getLogger("detr")
@@ -188,101 +190,57 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
     return torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
 
 
+class ResumableBatchSampler(BatchSampler):
+    """BatchSampler whose next pass starts ``skip`` batches in (a mid-epoch resume), without loading them."""
+
+    skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 def build_data_loaders(args: argparse.Namespace, dataset_train, dataset_val, device: torch.device):
-    """(train loader or None, val loader, train sampler or None); the sampler is re-seeded every epoch."""
-    collate = functools.partial(collate_fn, size_divisibility=args.size_divisibility)
+    """(train loader or None, val loader): distributed or random/sequential sampling, padded collation."""
     common = dict(
-        collate_fn=collate,
+        collate_fn=functools.partial(collate_fn, size_divisibility=args.size_divisibility),
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=args.num_workers > 0,
     )
-    if args.distributed:
-        sampler_val = DistributedSampler(dataset_val, shuffle=False)
-    else:
-        sampler_val = SequentialSampler(dataset_val)
-    eval_batch_size = args.eval_batch_size or args.batch_size
-    loader_val = DataLoader(dataset_val, eval_batch_size, sampler=sampler_val, drop_last=False, **common)
+    sampler_val = DistributedSampler(dataset_val, shuffle=False) if args.distributed else SequentialSampler(dataset_val)
+    loader_val = DataLoader(
+        dataset_val, args.eval_batch_size or args.batch_size, sampler=sampler_val, drop_last=False, **common
+    )
     if dataset_train is None:
-        return None, loader_val, None
+        return None, loader_val
     if args.distributed:
         sampler_train = DistributedSampler(dataset_train, seed=args.seed)
     else:
         sampler_train = RandomSampler(dataset_train, generator=torch.Generator())
-    batch_sampler = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    batch_sampler = ResumableBatchSampler(sampler_train, args.batch_size, drop_last=True)
     if len(batch_sampler) == 0:
         raise ValueError(
             f"the training set has {len(sampler_train)} images per process, fewer than --batch_size "
             f"{args.batch_size}; lower --batch_size or add images"
         )
-    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, **common)
-    return loader_train, loader_val, sampler_train
+    return DataLoader(dataset_train, batch_sampler=batch_sampler, **common), loader_val
 
 
-def set_sampler_epoch(sampler, epoch: int, seed: int) -> None:
-    """Shuffle epoch ``epoch`` in a reproducible order (DistributedSampler: seed + epoch, as torch does)."""
+def start_epoch(loader: DataLoader, epoch: int, seed: int, skip: int = 0) -> None:
+    """Shuffle ``epoch`` in a reproducible order (seed + epoch, as DistributedSampler does) from batch ``skip``."""
+    sampler = loader.batch_sampler.sampler
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
-    elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
+    elif isinstance(sampler, RandomSampler):
         sampler.generator.manual_seed(seed + epoch)
+    loader.batch_sampler.skip = skip
 
 
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-# ------------------------------------------------------------------------------------------------ weights
-
-
-def load_weights(args: argparse.Namespace, model, optimizer, lr_scheduler, scaler) -> None:
-    """Apply --frozen_weights, --resume (path, https URL or 'auto') and --finetune to a fresh model."""
-    if args.frozen_weights:
-        model.detr.load_state_dict(load_checkpoint(args.frozen_weights)["model"])
-    resume = args.resume
-    if resume == "auto":
-        found = find_resume_checkpoint(args.output_dir) if args.output_dir else None
-        log.info("--resume auto: %s", f"continuing from {found}" if found else "no checkpoint yet, starting fresh")
-        resume = str(found) if found else ""
-    if resume:
-        ckpt = load_checkpoint(resume)
-        model.load_state_dict(ckpt["model"])
-        if not args.eval and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
-            optimizer.load_state_dict(ckpt["optimizer"])
-            lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-            _reconcile_schedule(args, ckpt, optimizer, lr_scheduler)
-            args.start_epoch = int(ckpt["epoch"]) + 1
-            if "scaler" in ckpt and scaler.is_enabled():
-                scaler.load_state_dict(ckpt["scaler"])
-            states = ckpt.get("rng_state")
-            if isinstance(states, list) and len(states) == dist_utils.get_world_size():
-                restore_rng_state(states[dist_utils.get_rank()])
-        log.info("resumed from %s (next epoch %d)", resume, args.start_epoch)
-    elif args.finetune:
-        from util.finetune import load_for_finetuning  # usage-side helper; only fine-tuning runs need it
-
-        load_for_finetuning(model, args.finetune)
-
-
-def _reconcile_schedule(args: argparse.Namespace, ckpt: dict, optimizer, lr_scheduler) -> None:
-    """A resumed optimizer/scheduler carries the checkpoint's lr and lr_drop: say so, or keep the new ones."""
-    old = ckpt.get("args")
-    old = vars(old) if isinstance(old, argparse.Namespace) else (old or {})
-    changed = [k for k in ("lr", "lr_backbone", "weight_decay", "lr_drop") if k in old and old[k] != getattr(args, k)]
-    if not changed:
-        return
-    if not args.keep_new_schedule:
-        diffs = ", ".join(f"{k}={old[k]} (command line {getattr(args, k)})" for k in changed)
-        log.warning("warning: resume keeps the checkpoint's %s; pass --keep_new_schedule to use the new values", diffs)
-        return
-    lr_scheduler.step_size = args.lr_drop
-    lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
-    decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
-    for group, base_lr in zip(optimizer.param_groups, lr_scheduler.base_lrs):
-        group["initial_lr"], group["lr"], group["weight_decay"] = base_lr, base_lr * decay, args.weight_decay
-    lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-    log.info("--keep_new_schedule: using %s from the command line", ", ".join(changed))
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -314,20 +272,6 @@ def _report_predictions(output_dir: Path | None, coco_evaluator) -> None:
             path = coco_evaluator.dump_results(output_dir / "eval" / f"predictions_{iou_type}.json", iou_type)
             (output_dir / "eval" / f"per_category_{iou_type}.txt").write_text(table + "\n", encoding="utf-8")
             log.info("predictions (COCO results format): %s", path)
-
-
-def _checkpoint_state(model, optimizer, lr_scheduler, scaler, epoch: int, args) -> dict[str, Any]:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "epoch": epoch,
-        "args": config_dict(args),
-        "rng_state": dist_utils.all_gather_object(capture_rng_state()),
-    }
-    if scaler.is_enabled():
-        state["scaler"] = scaler.state_dict()
-    return state
 
 
 def _summary(stats: dict[str, Any]) -> str:
@@ -399,100 +343,118 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     log.info("number of params: %d", n_parameters)
 
     optimizer = build_optimizer(model_without_ddp, args)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    scaler = make_grad_scaler(args.amp, device.type)
-
+    state = TrainState(
+        model_without_ddp,
+        optimizer,
+        torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop),
+        make_grad_scaler(args.amp, device.type),
+    )
     dataset_val = datasets.build_dataset("val", args)
     dataset_train = None if args.eval else datasets.build_dataset("train", args)
-    loader_train, loader_val, sampler_train = build_data_loaders(args, dataset_train, dataset_val, device)
+    loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device)
     if args.dataset_file == "coco_panoptic":  # box AP is computed against the instance annotations
         base_ds = datasets.get_coco_api_from_dataset(datasets.coco.build("val", args))
     else:
         base_ds = datasets.get_coco_api_from_dataset(dataset_val)
-    eval_batch_size = args.eval_batch_size or args.batch_size
-    if args.dilation and eval_batch_size > 1:
+    if args.dilation and loader_val.batch_size > 1:
         log.warning(
             "warning: evaluating a dilated (DC5) model with batch size %d: padding lowers its AP (published "
             "pitfall); use --eval_batch_size 1 for exact numbers",
-            eval_batch_size,
+            loader_val.batch_size,
         )
 
-    load_weights(args, model_without_ddp, optimizer, lr_scheduler, scaler)
+    start_iteration = load_weights(args, state)
     if output_dir is not None and is_main:
         dump_config(args, get_args_parser(), output_dir / "config.yaml")
-    logger = RunLogger(output_dir, enabled=is_main)
     eval_kwargs = dict(
         progress=not args.no_progress, max_iters=args.max_iters_per_epoch, amp=args.amp, eval_backend=args.eval_backend
     )
-    if args.eval:
-        test_stats, coco_evaluator = evaluate(
-            model, criterion, postprocessors, loader_val, base_ds, device, args.output_dir, **eval_kwargs
-        )
-        if is_main:
-            _write_eval_outputs(output_dir, coco_evaluator, None)
-            _report_predictions(output_dir, coco_evaluator)
-            if output_dir is not None:
-                stats = {f"test_{k}": v for k, v in test_stats.items()}
-                (output_dir / "eval" / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
-        return test_stats
-    return _train(args, device, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
-                  scaler, loader_train, loader_val, sampler_train, base_ds, logger, n_parameters)  # fmt: skip
+    evaluate_now = functools.partial(
+        evaluate, model, criterion, postprocessors, loader_val, base_ds, device, args.output_dir, **eval_kwargs
+    )
+    if not args.eval:
+        return _train(args, device, model, criterion, state, loader_train, evaluate_now, n_parameters, start_iteration)
+    test_stats, coco_evaluator = evaluate_now()
+    if is_main:
+        _write_eval_outputs(output_dir, coco_evaluator, None)
+        _report_predictions(output_dir, coco_evaluator)
+        if output_dir is not None:
+            stats = {f"test_{k}": v for k, v in test_stats.items()}
+            (output_dir / "eval" / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
+    return test_stats
 
 
-def _train(args, device, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
-           loader_train, loader_val, sampler_train, base_ds, logger, n_parameters) -> dict[str, Any]:  # fmt: skip
+def _train(args, device, model, criterion, state: TrainState, loader_train, evaluate_now, n_parameters: int,
+           start_iteration: int) -> dict[str, Any]:  # fmt: skip
     from datasets.coco_eval import STAT_NAMES
-    from engine import evaluate, train_one_epoch
+    from engine import train_one_epoch
 
     is_main = dist_utils.is_main_process()
     output_dir = Path(args.output_dir) if args.output_dir else None
-    log.info("start training: epochs %d..%d, %d iterations each", args.start_epoch, args.epochs - 1, len(loader_train))
-    start = time.time()
+    logger = RunLogger(output_dir, enabled=is_main)
+    n_iters = min(len(loader_train), args.max_iters_per_epoch or len(loader_train))
+
+    def save(ckpt: dict, paths: list[Path]) -> None:
+        if output_dir is not None and is_main:
+            for path in paths:
+                save_checkpoint(ckpt, path)
+
+    log.info("start training: epochs %d..%d, %d iterations each", args.start_epoch, args.epochs - 1, n_iters)
     test_stats: dict[str, Any] = {}
-    for epoch in range(args.start_epoch, args.epochs):
-        epoch_start = time.time()
-        set_sampler_epoch(sampler_train, epoch, args.seed)
-        train_stats = train_one_epoch(
-            model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-            logger=logger, max_iters=args.max_iters_per_epoch, progress=not args.no_progress, amp=args.amp,
-            scaler=scaler, skip_nonfinite=args.skip_nonfinite,
-        )  # fmt: skip
-        lr_scheduler.step()
-        if output_dir is not None:
-            paths = [output_dir / "checkpoint.pth"]
-            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:  # kept before each LR drop (published)
-                paths.append(output_dir / f"checkpoint{epoch:04}.pth")
-            state = _checkpoint_state(model_without_ddp, optimizer, lr_scheduler, scaler, epoch, args)
-            if is_main:
-                for path in paths:
-                    save_checkpoint(state, path)
+    preemption = PreemptionHandler().install()
+    try:
+        for epoch in range(args.start_epoch, args.epochs):
+            epoch_start = time.time()
+            skip = start_iteration if epoch == args.start_epoch else 0
+            start_epoch(loader_train, epoch, args.seed, skip)
 
-        log_stats: dict[str, Any] = {f"train_{k}": v for k, v in train_stats.items()}
-        if (epoch + 1) % max(args.eval_every, 1) == 0 or epoch == args.epochs - 1:
-            test_stats, coco_evaluator = evaluate(
-                model, criterion, postprocessors, loader_val, base_ds, device, args.output_dir,
-                progress=not args.no_progress, max_iters=args.max_iters_per_epoch, amp=args.amp,
-                eval_backend=args.eval_backend,
+            def on_step(done: int, epoch: int = epoch) -> bool:
+                """After each step: stop on a preemption signal; mid-epoch checkpoints (--checkpoint_every)."""
+                stop = preemption.requested_on_any_rank(device)
+                periodic = args.checkpoint_every > 0 and done % args.checkpoint_every == 0 and done < n_iters
+                if (stop or periodic) and output_dir is not None:
+                    save(state.checkpoint(args, epoch - 1, iteration=done), [output_dir / "checkpoint.pth"])
+                return stop
+
+            train_stats = train_one_epoch(
+                model, criterion, loader_train, state.optimizer, device, epoch, args.clip_max_norm,
+                logger=logger, max_iters=args.max_iters_per_epoch, progress=not args.no_progress, amp=args.amp,
+                scaler=state.scaler, skip_nonfinite=args.skip_nonfinite, start_iteration=skip, on_step=on_step,
             )  # fmt: skip
-            log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
-            if "coco_eval_bbox" in test_stats:
-                logger.scalars(dict(zip(STAT_NAMES, test_stats["coco_eval_bbox"])), step=epoch, prefix="test/bbox_")
-            if is_main:
-                _write_eval_outputs(output_dir, coco_evaluator, epoch)
-        now = time.time()
-        log_stats.update(epoch=epoch, n_parameters=n_parameters, epoch_time=now - epoch_start)
-        log_stats.update(elapsed_time=now - args.start_time)
-        logger.log_epoch(log_stats)
-        log.info("epoch %d: %s (%.1f s)", epoch, _summary(log_stats), log_stats["epoch_time"])
+            if preemption.requested:
+                log.info("stopped by %s during epoch %d: continue with --resume auto", preemption.signal_name, epoch)
+                if not preemption.forward_to_previous():  # submitit's own handler requeues when there is one
+                    requeue_slurm_job()
+                return test_stats
+            state.lr_scheduler.step()
+            if output_dir is not None:
+                save(state.checkpoint(args, epoch), checkpoint_paths(output_dir, epoch, args.lr_drop))
 
-    log.info("training time %.1f s", time.time() - start)
+            log_stats: dict[str, Any] = {f"train_{k}": v for k, v in train_stats.items()}
+            if (epoch + 1) % max(args.eval_every, 1) == 0 or epoch == args.epochs - 1:
+                test_stats, coco_evaluator = evaluate_now()
+                log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
+                if "coco_eval_bbox" in test_stats:
+                    bbox = dict(zip(STAT_NAMES, test_stats["coco_eval_bbox"]))
+                    logger.scalars(bbox, step=epoch, prefix="test/bbox_")
+                if is_main:
+                    _write_eval_outputs(output_dir, coco_evaluator, epoch)
+            now = time.time()
+            log_stats.update(epoch=epoch, n_parameters=n_parameters, epoch_time=now - epoch_start)
+            log_stats.update(elapsed_time=now - args.start_time)
+            logger.log_epoch(log_stats)
+            log.info("epoch %d: %s (%.1f s)", epoch, _summary(log_stats), log_stats["epoch_time"])
+    finally:
+        preemption.restore()
+        logger.close()
+
+    log.info("total time %.1f s", time.time() - args.start_time)
     if "coco_eval_bbox" in test_stats:
         log.info("final COCO AP (IoU 0.50:0.95) on the validation set: %.3f", test_stats["coco_eval_bbox"][0])
     if output_dir is not None:
         log.info("log: %s", logger.log_path)
         log.info("checkpoint: %s", output_dir / "checkpoint.pth")
         log.info("TensorBoard: tensorboard --logdir %s", logger.tensorboard_dir)
-    logger.close()
     return test_stats
 
 

@@ -1,0 +1,119 @@
+"""What a training checkpoint holds, and how a run starts from weights: --frozen_weights, --resume, --finetune.
+
+Checkpoint positions follow util/checkpoint.py: 'epoch' is the last fully trained epoch, 'iteration' the
+batches of the next epoch already trained (mid-epoch checkpoints only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from util import distributed as dist_utils
+from util.checkpoint import find_resume_checkpoint, load_checkpoint, resume_position
+from util.config import config_dict
+from util.rng_state import capture_rng_state, restore_rng_state
+
+log = logging.getLogger("detr")
+# Flags whose values a resumed optimizer/scheduler silently replaces.
+SCHEDULE_FLAGS = ("lr", "lr_backbone", "weight_decay", "lr_drop")
+
+
+@dataclass
+class TrainState:
+    """The objects a training checkpoint saves and restores (``model`` without its DDP wrapper)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.StepLR
+    scaler: torch.amp.GradScaler
+
+    def checkpoint(self, args: argparse.Namespace, epoch: int, iteration: int = 0) -> dict[str, Any]:
+        """The checkpoint dict (a collective: every process must call it; rank r's RNG state is entry r)."""
+        ckpt = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "epoch": epoch,
+            "args": config_dict(args),
+            "rng_state": dist_utils.all_gather_object(capture_rng_state()),
+        }
+        if iteration:
+            ckpt["iteration"] = iteration
+        if self.scaler.is_enabled():
+            ckpt["scaler"] = self.scaler.state_dict()
+        return ckpt
+
+    def restore(self, ckpt: dict[str, Any], args: argparse.Namespace) -> tuple[int, int]:
+        """Load optimizer, scheduler, scaler and RNG states of a training checkpoint; (start epoch, iteration)."""
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        _reconcile_schedule(args, ckpt, self.optimizer, self.lr_scheduler)
+        if "scaler" in ckpt and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        states = ckpt.get("rng_state")
+        if isinstance(states, list) and len(states) == dist_utils.get_world_size():
+            restore_rng_state(states[dist_utils.get_rank()])
+        return resume_position(ckpt)
+
+
+def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
+    """checkpoint.pth, plus checkpointNNNN.pth before each LR drop and every 100 epochs (published rule)."""
+    paths = [output_dir / "checkpoint.pth"]
+    if (epoch + 1) % lr_drop == 0 or (epoch + 1) % 100 == 0:
+        paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+    return paths
+
+
+def load_weights(args: argparse.Namespace, state: TrainState) -> int:
+    """Apply --frozen_weights, --resume (path, https URL or 'auto') and --finetune to a fresh model.
+
+    A training resume also restores the optimizer, scheduler, scaler and RNG states and sets
+    ``args.start_epoch``; returns the batches of that epoch already trained (0 at an epoch boundary).
+    """
+    if args.frozen_weights:
+        state.model.detr.load_state_dict(load_checkpoint(args.frozen_weights)["model"])
+    resume = args.resume
+    if resume == "auto":
+        found = find_resume_checkpoint(args.output_dir) if args.output_dir else None
+        log.info("--resume auto: %s", f"continuing from {found}" if found else "no checkpoint yet, starting fresh")
+        resume = str(found) if found else ""
+    if resume:
+        ckpt = load_checkpoint(resume)
+        state.model.load_state_dict(ckpt["model"])
+        start_iteration = 0
+        if not args.eval and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
+            args.start_epoch, start_iteration = state.restore(ckpt, args)
+        log.info("resumed from %s (next epoch %d, iteration %d)", resume, args.start_epoch, start_iteration)
+        return start_iteration
+    if args.finetune:
+        from util.finetune import load_for_finetuning  # usage-side helper; only fine-tuning runs need it
+
+        load_for_finetuning(state.model, args.finetune)
+    return 0
+
+
+def _reconcile_schedule(args: argparse.Namespace, ckpt: dict, optimizer, lr_scheduler) -> None:
+    """A resumed optimizer/scheduler carries the checkpoint's lr and lr_drop: say so, or keep the new ones."""
+    old = ckpt.get("args")
+    old = vars(old) if isinstance(old, argparse.Namespace) else (old or {})
+    changed = [k for k in SCHEDULE_FLAGS if k in old and old[k] != getattr(args, k)]
+    if not changed:
+        return
+    if not args.keep_new_schedule:
+        diffs = ", ".join(f"{k}={old[k]} (command line {getattr(args, k)})" for k in changed)
+        log.warning("warning: resume keeps the checkpoint's %s; pass --keep_new_schedule to use the new values", diffs)
+        return
+    lr_scheduler.step_size = args.lr_drop
+    lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
+    decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
+    for group, base_lr in zip(optimizer.param_groups, lr_scheduler.base_lrs):
+        group["initial_lr"], group["lr"], group["weight_decay"] = base_lr, base_lr * decay, args.weight_decay
+    lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    log.info("--keep_new_schedule: using %s from the command line", ", ".join(changed))
