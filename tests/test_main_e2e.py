@@ -19,6 +19,7 @@ import main as main_module
 import models
 from util.checkpoint import load_checkpoint
 from util.logging import read_log
+from util.preemption import PreemptionHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FLAGS = ["--synthetic_train_size", "4", "--synthetic_val_size", "2", "--input_scale", "0.1"]
@@ -108,6 +109,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(trained, tmp_path, 
         main_module.main(args)
     assert {name: _sha(run / name) for name in before} == before
     assert not (run / "checkpoint0002.pth").exists()
+
+
+@pytest.mark.slow
+def test_preemption_saves_mid_epoch_and_resume_auto_finishes(trained, tmp_path, monkeypatch):
+    data, _, _ = trained
+    calls = []
+
+    def signal_at_first_step(self, device="cpu"):
+        calls.append(1)
+        self.requested, self.signal_name = len(calls) == 1, "SIGUSR1"
+        return self.requested
+
+    monkeypatch.setattr(PreemptionHandler, "requested_on_any_rank", signal_at_first_step)
+    out = tmp_path / "run"
+    main_module.main(_args(data, out, "--epochs", "1"))  # 2 iterations per epoch; stops after the first
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (-1, 1)
+    assert not (out / "log.txt").exists()
+    main_module.main(_args(data, out, "--epochs", "1", "--resume", "auto"))
+    assert len(calls) == 2  # the resumed epoch ran only its second batch
+    assert [line["epoch"] for line in read_log(out / "log.txt")] == [0]
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
 
 
 @pytest.mark.slow
