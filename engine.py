@@ -201,7 +201,7 @@ def evaluate(
         panoptic_evaluator = PanopticEvaluator(
             data_loader.dataset.ann_file,
             data_loader.dataset.ann_folder,
-            output_dir=os.path.join(output_dir, "panoptic_eval"),
+            output_dir=os.path.join(output_dir, "panoptic_eval") if output_dir else None,
         )
 
     n_iters = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)

@@ -352,10 +352,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dataset_val = datasets.build_dataset("val", args)
     dataset_train = None if args.eval else datasets.build_dataset("train", args)
     loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device)
-    if args.dataset_file == "coco_panoptic":  # box AP is computed against the instance annotations
-        base_ds = datasets.get_coco_api_from_dataset(datasets.coco.build("val", args))
-    else:
-        base_ds = datasets.get_coco_api_from_dataset(dataset_val)
+    base_ds = datasets.get_coco_api_from_dataset(dataset_val)  # panoptic: its instance annotations (box AP)
     if args.dilation and loader_val.batch_size > 1:
         log.warning(
             "warning: evaluating a dilated (DC5) model with batch size %d: padding lowers its AP (published "

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from util import distributed as dist_utils
-from util.checkpoint import find_resume_checkpoint, load_checkpoint, resume_position
+from util.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, resume_position
 from util.config import config_dict
 from util.rng_state import capture_rng_state, restore_rng_state
 
@@ -78,7 +78,7 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
     ``args.start_epoch``; returns the batches of that epoch already trained (0 at an epoch boundary).
     """
     if args.frozen_weights:
-        state.model.detr.load_state_dict(load_checkpoint(args.frozen_weights)["model"])
+        _load_model(state.model.detr, load_checkpoint(args.frozen_weights), args.frozen_weights)
     resume = args.resume
     if resume == "auto":
         found = find_resume_checkpoint(args.output_dir) if args.output_dir else None
@@ -86,7 +86,7 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
         resume = str(found) if found else ""
     if resume:
         ckpt = load_checkpoint(resume)
-        state.model.load_state_dict(ckpt["model"])
+        _load_model(state.model, ckpt, resume)
         start_iteration = 0
         if not args.eval and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
             args.start_epoch, start_iteration = state.restore(ckpt, args)
@@ -97,6 +97,21 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
 
         load_for_finetuning(state.model, args.finetune)
     return 0
+
+
+def _load_model(model: nn.Module, ckpt: dict, source: str) -> None:
+    """Strict state-dict loading with a one-line error that names the checkpoint and the first mismatch."""
+    if "model" not in ckpt:
+        raise CheckpointError(f"checkpoint {source} has no 'model' entry (keys: {sorted(ckpt)[:5]})")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise CheckpointError(
+            f"checkpoint {source} does not fit this model ({details[0] if details else e}); build the model with "
+            "the checkpoint's flags (backbone, hidden_dim, layers, num_queries, --num_classes / --dataset_file), "
+            "or use --finetune to re-initialise mismatched heads"
+        ) from None
 
 
 def _reconcile_schedule(args: argparse.Namespace, ckpt: dict, optimizer, lr_scheduler) -> None:
