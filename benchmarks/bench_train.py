@@ -203,7 +203,7 @@ def run_variant(config: str, variant: str, iters: int, warmup: int, infer_iters:
         "peak_mib": peak_mib,
         "infer_images_per_s": len(sizes) / infer_step,
         "initial_loss": initial_loss,
-        "final_loss": float(loss),
+        "final_loss": float(loss.detach()),
     }
 
 
