@@ -24,7 +24,7 @@ from util import distributed as dist_utils
 from util.acceleration import apply_channels_last, compile_model
 from util.amp import make_grad_scaler
 from util.checkpoint import CheckpointError, save_checkpoint
-from util.config import ConfigError, apply_config, dump_config, is_explicit, parse_args_with_config
+from util.config import UsageError, apply_config, dump_config, is_explicit, parse_args_with_config
 from util.logging import RunLogger, setup_console
 from util.misc import collate_fn
 from util.preemption import PreemptionHandler, requeue_slurm_job
@@ -220,14 +220,14 @@ def build_data_loaders(args: argparse.Namespace, dataset_train, dataset_val, dev
         sampler_train = RandomSampler(dataset_train, generator=torch.Generator())
     batch_sampler = ResumableBatchSampler(sampler_train, args.batch_size, drop_last=True)
     if len(batch_sampler) == 0:
-        raise ValueError(
+        raise UsageError(
             f"the training set has {len(sampler_train)} images per process, fewer than --batch_size "
             f"{args.batch_size}; lower --batch_size or add images"
         )
     return DataLoader(dataset_train, batch_sampler=batch_sampler, **common), loader_val
 
 
-def start_epoch(loader: DataLoader, epoch: int, seed: int, skip: int = 0) -> None:
+def begin_epoch(loader: DataLoader, epoch: int, seed: int, skip: int = 0) -> None:
     """Shuffle ``epoch`` in a reproducible order (seed + epoch, as DistributedSampler does) from batch ``skip``."""
     sampler = loader.batch_sampler.sampler
     if isinstance(sampler, DistributedSampler):
@@ -320,7 +320,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from engine import evaluate
 
     if args.frozen_weights is not None and not args.masks:
-        raise ValueError("--frozen_weights is for the segmentation stage only: add --masks")
+        raise UsageError("--frozen_weights is for the segmentation stage only: add --masks")
     is_main = dist_utils.is_main_process()
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and is_main:
@@ -343,12 +343,11 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     log.info("number of params: %d", n_parameters)
 
     optimizer = build_optimizer(model_without_ddp, args)
-    state = TrainState(
-        model_without_ddp,
-        optimizer,
-        torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop),
-        make_grad_scaler(args.amp, device.type),
-    )
+    try:
+        scaler = make_grad_scaler(args.amp, device.type)
+    except ValueError as e:  # e.g. --amp fp16 on a CPU
+        raise UsageError(str(e)) from None
+    state = TrainState(model_without_ddp, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop), scaler)
     dataset_val = datasets.build_dataset("val", args)
     dataset_train = None if args.eval else datasets.build_dataset("train", args)
     loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device)
@@ -403,7 +402,7 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
         for epoch in range(args.start_epoch, args.epochs):
             epoch_start = time.time()
             skip = start_iteration if epoch == args.start_epoch else 0
-            start_epoch(loader_train, epoch, args.seed, skip)
+            begin_epoch(loader_train, epoch, args.seed, skip)
 
             def on_step(done: int, epoch: int = epoch) -> bool:
                 """After each step: stop on a preemption signal; mid-epoch checkpoints (--checkpoint_every)."""
@@ -461,7 +460,7 @@ def cli(argv: list[str] | None = None) -> None:
 
     try:
         main(parse_args(argv))
-    except (ConfigError, CheckpointError, DatasetError, dist_utils.DeviceError) as e:
+    except (UsageError, CheckpointError, DatasetError, dist_utils.DeviceError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -18,6 +18,7 @@ from conftest import TINY_FLAGS, parse_tiny_args
 import main as main_module
 import models
 from util.checkpoint import load_checkpoint
+from util.config import UsageError
 from util.logging import read_log
 from util.preemption import PreemptionHandler
 
@@ -157,10 +158,19 @@ def test_torchrun_two_processes(tmp_path):
 
 
 def test_frozen_weights_needs_masks(tmp_path):
-    with pytest.raises(ValueError, match="--masks"):
+    with pytest.raises(UsageError, match="--masks"):
         main_module.main(_args(tmp_path, tmp_path / "run", "--frozen_weights", "x.pth"))
 
 
 def test_too_small_training_set_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="fewer than --batch_size 8"):
+    with pytest.raises(UsageError, match="fewer than --batch_size 8"):
         main_module.main(_args(tmp_path / "data", tmp_path / "run", "--batch_size", "8"))
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochz: 3\n")
+    with pytest.raises(SystemExit) as info:
+        main_module.cli(["--config", str(cfg)])
+    message = str(info.value.code)
+    assert message.startswith("error: config") and "did you mean 'epochs'?" in message and "\n" not in message

@@ -21,7 +21,11 @@ EXPLICIT_ATTR = "_explicit"
 _UNSET = object()
 
 
-class ConfigError(ValueError):
+class UsageError(ValueError):
+    """Flags that cannot run together (or on this machine); shown to the user as one line."""
+
+
+class ConfigError(UsageError):
     """A configuration file is missing, malformed, or names an unknown flag."""
 
 
