@@ -70,7 +70,8 @@ def compile_model(
     if not names:
         raise ValueError(f"--compile: {type(model).__name__} has none of the submodules {COMPILED_SUBMODULES}")
     for name in names:
-        getattr(model, name).compile(dynamic=dynamic, mode=mode, backend=backend)  # in place: parameter names are unchanged
+        # In place (nn.Module.compile): parameter names stay, unlike torch.compile(module)'s "_orig_mod." prefix.
+        getattr(model, name).compile(dynamic=dynamic, mode=mode, backend=backend)
     report = CompileReport(modules=names)
     _time_first_forward(model, report)
     return report
