@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision import ops
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import FrozenBatchNorm2d
 
 from util.misc import NestedTensor
 
@@ -94,6 +94,19 @@ def load_backbone_weights(resnet: nn.Module, weights: str, name: str) -> None:
             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
         )
+
+
+class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffers and float32 numbers) that keeps the input's dtype.
+
+    Under bf16/fp16 autocast the float32 buffers would otherwise promote every activation back to float32,
+    about a fifth of an R50 step on CPU: the affine is folded in float32 and applied in the input's dtype.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 
 class Backbone(nn.Module):

@@ -128,3 +128,18 @@ def test_mask_downsampling_equals_nearest_interpolation():
         size = (-(-height // stride), -(-width // stride))
         expected = torch.nn.functional.interpolate(mask[None].float(), size=size, mode="nearest")[0].bool()
         assert torch.equal(_downsample_mask_nearest(mask, size), expected)
+
+
+def test_frozen_batchnorm_equals_torchvision_and_keeps_bf16():
+    from models.backbone import FrozenBatchNorm2d as ProjectFrozenBN
+
+    ours, reference = ProjectFrozenBN(8, eps=1e-5), FrozenBatchNorm2d(8, eps=1e-5)
+    for module in (ours, reference):
+        module.weight.copy_(torch.linspace(0.5, 2.0, 8))
+        module.bias.copy_(torch.linspace(-1.0, 1.0, 8))
+        module.running_mean.copy_(torch.linspace(-0.3, 0.3, 8))
+        module.running_var.copy_(torch.linspace(0.1, 4.0, 8))
+    x = torch.randn(2, 8, 5, 7)
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-6, atol=1e-6)
+    assert ours(x.bfloat16()).dtype == torch.bfloat16
+    assert list(ours.state_dict()) == list(reference.state_dict())
