@@ -323,3 +323,55 @@ def test_segm_masks_cropped_and_resized_to_original_size():
     assert (first[1, 0, :8] == 1).all() and (first[1, 0, 8:] == 0).all() and first[2].sum() == 0
     # the second image is the top half of the padded grid: query 1 covers all of it
     assert (second[1] == 1).all() and (second[0, 0, :, :8] == 1).all() and (second[0, 0, :, 8:] == 0).all()
+
+
+def test_segm_output_scores_perfect_mask_ap_with_coco_evaluator():
+    """PostProcess + PostProcessSegm outputs go straight into CocoEvaluator('segm'): exact masks give AP 1."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    from datasets.coco_eval import CocoEvaluator
+    from models.detr import PostProcess
+    from models.segmentation import PostProcessSegm
+
+    # original image 32 x 48 (h x w), fed to the model at 16 x 24; masks on the 4 x 6 stride-4 grid
+    gt_masks = torch.zeros(2, 32, 48, dtype=torch.uint8)
+    gt_masks[0, :16, :24] = 1
+    gt_masks[1, 16:, 24:] = 1
+    annotations = []
+    for k, m in enumerate(gt_masks):
+        rle = mask_utils.encode(m.numpy()[:, :, None].copy(order="F"))[0]
+        rle["counts"] = rle["counts"].decode()
+        x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
+        annotations.append(
+            {"id": k + 1, "image_id": 7, "category_id": 1 + 2 * k, "segmentation": rle, "area": float(m.sum())}
+            | {"bbox": [x, y, w, h], "iscrowd": 0}
+        )
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": 7, "height": 32, "width": 48}],
+        "annotations": annotations,
+        "categories": [{"id": 1}, {"id": 3}],
+    }
+    coco.createIndex()
+
+    logits = torch.full((1, 3, 5), -10.0)
+    logits[0, 0, 1] = logits[0, 1, 3] = 10.0
+    logits[0, 2, 4] = 10.0  # "no object"
+    masks = torch.full((1, 3, 4, 6), -10.0)
+    masks[0, 0, :2, :3] = 10
+    masks[0, 1, 2:, 3:] = 10
+    boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5], [0.5, 0.5, 0.1, 0.1]]])
+    outputs = {"pred_logits": logits, "pred_boxes": boxes, "pred_masks": masks}
+    orig, size = torch.tensor([[32, 48]]), torch.tensor([[16, 24]])
+    results = PostProcessSegm()(PostProcess()(outputs, orig), outputs, orig, size)
+    got = results[0]["masks"][:2, 0]
+    assert got.shape == gt_masks.shape and got.dtype == torch.uint8
+    iou = (got & gt_masks).flatten(1).sum(1) / (got | gt_masks).flatten(1).sum(1)
+    assert (iou > 0.98).all()  # only the corner pixels round differently under bilinear upsampling
+    evaluator = CocoEvaluator(coco, ["segm"])
+    evaluator.update({7: results[0]})
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    evaluator.summarize(verbose=False)
+    assert evaluator.stats("segm")[0] == pytest.approx(1.0)
