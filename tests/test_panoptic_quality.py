@@ -253,3 +253,56 @@ def test_evaluator_errors(tmp_path):
     evaluator = PanopticEvaluator(good, tmp_path, output_dir=None)
     with pytest.raises(ValueError, match="no panoptic annotation for predicted image_id 3"):
         evaluator.update([{"image_id": 3, "png_string": b"", "segments_info": []}])
+
+
+def _write_two_image_gt(tmp_path):
+    folder = tmp_path / "gt"
+    folder.mkdir()
+    gt = np.array([[1, 1, 1, 1, 2, 2, 2, 2]] * 2)
+    annotations = []
+    for image_id in (1, 2):
+        (folder / f"{image_id}.png").write_bytes(_png(gt))
+        segments = [seg(1, THING, arr=gt), seg(2, STUFF, arr=gt)]
+        annotations.append({"image_id": image_id, "file_name": f"{image_id}.png", "segments_info": segments})
+    ann = {"annotations": annotations, "categories": [{"id": THING, "isthing": 1}, {"id": STUFF, "isthing": 0}]}
+    (tmp_path / "gt.json").write_text(json.dumps(ann))
+    return tmp_path / "gt.json", folder
+
+
+def _prediction(image_id):
+    # image 1: both segments right; image 2: the thing is missed (predicted as stuff)
+    ids = np.array([[1, 1, 1, 1, 2, 2, 2, 2]] * 2)
+    segments = [seg(1, THING), seg(2, STUFF)] if image_id == 1 else [seg(1, STUFF), seg(2, STUFF)]
+    return {"image_id": image_id, "png_string": _png(ids), "segments_info": segments}
+
+
+def _gather_worker(rank, init_file, ann_file, folder, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        evaluator = PanopticEvaluator(ann_file, folder, output_dir=None)
+        # rank 1 also sees image 1 again, as a padded DistributedSampler would give it
+        evaluator.update([_prediction(1)] if rank == 0 else [_prediction(2), _prediction(1)])
+        evaluator.synchronize_between_processes()
+        result = evaluator.summarize()
+        if rank == 0:
+            out_file.write_text(json.dumps({"All": result["All"], "n_images": result["n_images"]}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_synchronize_between_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    ann_file, folder = _write_two_image_gt(tmp_path)
+    single = PanopticEvaluator(ann_file, folder, output_dir=None)
+    single.update([_prediction(1), _prediction(2)])
+    want = single.summarize()
+    out_file = tmp_path / "rank0.json"
+    mp.spawn(_gather_worker, args=(tmp_path / "init", ann_file, folder, out_file), nprocs=2, join=True)
+    got = json.loads(out_file.read_text())
+    assert got["n_images"] == 2
+    assert got["All"] == pytest.approx(want["All"])
+    assert want["All"]["n"] == 2 and 0 < want["All"]["pq"] < 1
