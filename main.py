@@ -237,6 +237,17 @@ def begin_epoch(loader: DataLoader, epoch: int, seed: int, skip: int = 0) -> Non
     loader.batch_sampler.skip = skip
 
 
+def warn_dilated_eval_batch(args: argparse.Namespace) -> None:
+    """One warning when a dilated model is evaluated with batches > 1 (padding changes its AP: published pitfall)."""
+    eval_batch_size = args.eval_batch_size or args.batch_size
+    if args.dilation and eval_batch_size > 1:
+        log.warning(
+            "warning: evaluating a dilated (DC5) model with batch size %d: padding lowers its AP; "
+            "use --eval_batch_size 1 for exact numbers",
+            eval_batch_size,
+        )
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -352,12 +363,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dataset_train = None if args.eval else datasets.build_dataset("train", args)
     loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)  # panoptic: its instance annotations (box AP)
-    if args.dilation and loader_val.batch_size > 1:
-        log.warning(
-            "warning: evaluating a dilated (DC5) model with batch size %d: padding lowers its AP (published "
-            "pitfall); use --eval_batch_size 1 for exact numbers",
-            loader_val.batch_size,
-        )
+    warn_dilated_eval_batch(args)
 
     start_iteration = load_weights(args, state)
     if output_dir is not None and is_main:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -174,3 +175,16 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
         main_module.cli(["--config", str(cfg)])
     message = str(info.value.code)
     assert message.startswith("error: config") and "did you mean 'epochs'?" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "flags, warned",
+    [(["--dilation"], True), (["--dilation", "--eval_batch_size", "1"], False), (["--batch_size", "4"], False),
+     (["--dilation", "--batch_size", "1"], False)],
+)  # fmt: skip
+def test_dilated_model_evaluated_in_batches_warns_once(flags, warned, caplog):
+    with caplog.at_level(logging.WARNING, logger="detr"):
+        main_module.warn_dilated_eval_batch(parse_tiny_args(*flags))
+    assert len(caplog.records) == int(warned)
+    if warned:
+        assert "--eval_batch_size 1" in caplog.records[0].getMessage()
