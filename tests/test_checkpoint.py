@@ -266,3 +266,16 @@ def test_saved_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "checkpoint.pth").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_junk_bytes_give_a_checkpoint_error(tmp_path, seed):
+    rng = random.Random(seed)
+    target = tmp_path / "junk.pth"
+    # Tiny junk files make torch.load's weights-only unpickler raise struct.error or IndexError.
+    cases = [b"t9\xd2", b"\x80\x02K", b"PK\x03\x04"] + [rng.randbytes(rng.choice([1, 2, 4, 8, 64])) for _ in range(60)]
+    for data in cases:
+        target.write_bytes(data)
+        with pytest.raises(CheckpointError, match=r"junk\.pth") as info:
+            load_checkpoint(target)
+        assert "\n" not in str(info.value), data
