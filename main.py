@@ -224,7 +224,10 @@ def build_data_loaders(args: argparse.Namespace, dataset_train, dataset_val, dev
             f"the training set has {len(sampler_train)} images per process, fewer than --batch_size "
             f"{args.batch_size}; lower --batch_size or add images"
         )
-    return DataLoader(dataset_train, batch_sampler=batch_sampler, **common), loader_val
+    # Its own generator: the workers' base seed is drawn from it, not from the global torch RNG (which a
+    # mid-epoch checkpoint captures after the epoch's iterator was created: an extra draw breaks exact resume).
+    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, generator=torch.Generator(), **common)
+    return loader_train, loader_val
 
 
 def begin_epoch(loader: DataLoader, epoch: int, seed: int, skip: int = 0) -> None:
@@ -235,6 +238,8 @@ def begin_epoch(loader: DataLoader, epoch: int, seed: int, skip: int = 0) -> Non
     elif isinstance(sampler, RandomSampler):
         sampler.generator.manual_seed(seed + epoch)
     loader.batch_sampler.skip = skip
+    if loader.generator is not None:  # worker seeds: a function of (seed, rank, epoch) only
+        loader.generator.manual_seed((seed + dist_utils.get_rank()) * 100_003 + epoch)
 
 
 def warn_dilated_eval_batch(args: argparse.Namespace) -> None:
