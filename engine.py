@@ -68,6 +68,7 @@ def train_one_epoch(
     skip_nonfinite: int = 0,
     start_iteration: int = 0,
     on_step: Callable[[int], bool] | None = None,
+    tracker: MetricTracker | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader`` (at most ``max_iters`` batches).
 
@@ -81,6 +82,8 @@ def train_one_epoch(
             starts after them (it yields the remaining ones), this only offsets the counters.
         on_step: called after every optimizer step with the number of batches of the epoch done; returning
             True ends the epoch there (e.g. on a preemption signal).
+        tracker: accumulates the epoch's statistics (pass the one restored from a mid-epoch checkpoint so the
+            epoch means cover the batches trained before the resume too); a fresh one when None.
 
     Returns:
         Epoch means over all processes: 'loss', weighted loss terms, '<term>_unscaled', 'class_error',
@@ -93,7 +96,7 @@ def train_one_epoch(
     criterion.train()
     if scaler is None:
         scaler = torch.amp.GradScaler(device.type, enabled=False)
-    tracker = MetricTracker()
+    tracker = MetricTracker() if tracker is None else tracker
     n_iters = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bar = tqdm(

@@ -25,7 +25,7 @@ from util.acceleration import apply_channels_last, compile_model
 from util.amp import make_grad_scaler
 from util.checkpoint import CheckpointError, save_checkpoint
 from util.config import UsageError, apply_config, dump_config, is_explicit, parse_args_with_config
-from util.logging import RunLogger, setup_console
+from util.logging import MetricTracker, RunLogger, setup_console
 from util.misc import collate_fn
 from util.preemption import PreemptionHandler, requeue_slurm_job
 from util.run_state import TrainState, checkpoint_paths, load_weights
@@ -414,19 +414,22 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
             epoch_start = time.time()
             skip = start_iteration if epoch == args.start_epoch else 0
             begin_epoch(loader_train, epoch, args.seed, skip)
+            tracker = state.epoch_tracker(resuming=skip > 0)
 
-            def on_step(done: int, epoch: int = epoch) -> bool:
+            def on_step(done: int, epoch: int = epoch, tracker: MetricTracker = tracker) -> bool:
                 """After each step: stop on a preemption signal; mid-epoch checkpoints (--checkpoint_every)."""
                 stop = preemption.requested_on_any_rank(device)
                 periodic = args.checkpoint_every > 0 and done % args.checkpoint_every == 0 and done < n_iters
                 if (stop or periodic) and output_dir is not None:
-                    save(state.checkpoint(args, epoch - 1, iteration=done), [output_dir / "checkpoint.pth"])
+                    ckpt = state.checkpoint(args, epoch - 1, iteration=done, metrics=tracker)
+                    save(ckpt, [output_dir / "checkpoint.pth"])
                 return stop
 
             train_stats = train_one_epoch(
                 model, criterion, loader_train, state.optimizer, device, epoch, args.clip_max_norm,
                 logger=logger, max_iters=args.max_iters_per_epoch, progress=not args.no_progress, amp=args.amp,
                 scaler=state.scaler, skip_nonfinite=args.skip_nonfinite, start_iteration=skip, on_step=on_step,
+                tracker=tracker,
             )  # fmt: skip
             if preemption.requested:
                 log.info("stopped by %s during epoch %d: continue with --resume auto", preemption.signal_name, epoch)

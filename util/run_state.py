@@ -18,6 +18,7 @@ from torch import nn
 from util import distributed as dist_utils
 from util.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, resume_position
 from util.config import config_dict
+from util.logging import MetricTracker
 from util.rng_state import capture_rng_state, restore_rng_state
 
 log = logging.getLogger("detr")
@@ -33,9 +34,16 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.StepLR
     scaler: torch.amp.GradScaler
+    # This process's statistics of the batches a mid-epoch checkpoint had trained (set by `restore`).
+    resumed_metrics: dict[str, dict[str, float]] | None = None
 
-    def checkpoint(self, args: argparse.Namespace, epoch: int, iteration: int = 0) -> dict[str, Any]:
-        """The checkpoint dict (a collective: every process must call it; rank r's RNG state is entry r)."""
+    def checkpoint(
+        self, args: argparse.Namespace, epoch: int, iteration: int = 0, metrics: MetricTracker | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint dict (a collective: every process must call it; rank r's RNG state is entry r).
+
+        ``metrics``: the running epoch statistics, saved (per rank) with a mid-epoch checkpoint.
+        """
         ckpt = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -46,6 +54,9 @@ class TrainState:
         }
         if iteration:
             ckpt["iteration"] = iteration
+            if metrics is not None:
+                local = {"sums": dict(metrics.sums), "counts": dict(metrics.counts), "totals": dict(metrics.totals)}
+                ckpt["epoch_metrics"] = dist_utils.all_gather_object(local)
         if self.scaler.is_enabled():
             ckpt["scaler"] = self.scaler.state_dict()
         return ckpt
@@ -60,7 +71,19 @@ class TrainState:
         states = ckpt.get("rng_state")
         if isinstance(states, list) and len(states) == dist_utils.get_world_size():
             restore_rng_state(states[dist_utils.get_rank()])
+        metrics = ckpt.get("epoch_metrics")
+        if isinstance(metrics, list) and len(metrics) == dist_utils.get_world_size():
+            self.resumed_metrics = metrics[dist_utils.get_rank()]
         return resume_position(ckpt)
+
+    def epoch_tracker(self, resuming: bool) -> MetricTracker:
+        """A MetricTracker for the next epoch, holding the restored statistics when resuming mid-epoch."""
+        tracker = MetricTracker()
+        if resuming and self.resumed_metrics:
+            for name in ("sums", "counts", "totals"):
+                getattr(tracker, name).update(self.resumed_metrics.get(name, {}))
+        self.resumed_metrics = None
+        return tracker
 
 
 def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:

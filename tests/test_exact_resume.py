@@ -1,0 +1,86 @@
+"""Exact resume on CPU: a run split by an epoch-boundary or a mid-epoch checkpoint equals the straight run bit for bit.
+
+Dropout and the training augmentations (random flip/resize/crop, python ``random``) are on, so every generator
+the checkpoint restores matters. Loading uses ``--num_workers 0``: with worker processes the augmentation RNG
+lives in the workers, is seeded from the loader's base seed when they start, and is not part of the
+checkpoint, so a resumed run re-seeds it (the model still resumes exactly; the augmentation draws differ).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import parse_tiny_args
+
+import main as main_module
+from util.checkpoint import load_checkpoint
+from util.logging import read_log
+from util.preemption import PreemptionHandler
+
+# 6 images at batch 2: 3 iterations per epoch; no evaluation until the last epoch (it does not touch the RNG
+# a checkpoint captured, but it costs time).
+RUN_FLAGS = ["--synthetic_train_size", "6", "--synthetic_val_size", "1", "--input_scale", "0.1",
+             "--batch_size", "2", "--lr", "1e-3", "--lr_backbone", "1e-4", "--lr_drop", "1", "--dropout", "0.1",
+             "--no_progress", "--num_workers", "0", "--eval_every", "100"]  # fmt: skip
+
+
+def _run(data: Path, out: Path, *extra: str) -> None:
+    args = parse_tiny_args(*RUN_FLAGS, "--synthetic_dir", str(data), "--output_dir", str(out), *extra)
+    args._explicit = frozenset({"device"})
+    torch.manual_seed(1234)  # the run must not depend on the caller's generator state either
+    main_module.main(args)
+
+
+def _assert_same_model(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a / "checkpoint.pth"), load_checkpoint(b / "checkpoint.pth")
+    assert ca["epoch"] == cb["epoch"]
+    assert ca["model"].keys() == cb["model"].keys()
+    differing = [k for k in ca["model"] if not torch.equal(ca["model"][k], cb["model"][k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+    state_a, state_b = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
+    assert ca["lr_scheduler"] == cb["lr_scheduler"]
+
+
+def _train_losses(out: Path) -> list[float]:
+    return [line["train_loss"] for line in read_log(out / "log.txt")]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Two epochs without interruption: (data dir, output dir)."""
+    base = tmp_path_factory.mktemp("straight")
+    _run(base / "data", base / "run", "--epochs", "2")
+    return base / "data", base / "run"
+
+
+def test_epoch_boundary_resume_is_bit_identical(straight, tmp_path):
+    data, reference = straight
+    out = tmp_path / "run"
+    _run(data, out, "--epochs", "1")
+    _run(data, out, "--epochs", "2", "--resume", "auto")
+    _assert_same_model(reference, out)
+    assert _train_losses(out) == _train_losses(reference)  # exact floats, both epochs
+
+
+def test_mid_epoch_resume_is_bit_identical(straight, tmp_path, monkeypatch):
+    data, reference = straight
+    steps = []
+    stop_after = 4  # epoch 1, after its first batch (3 batches per epoch)
+
+    def preempt_once(self, device="cpu"):
+        steps.append(1)
+        self.requested, self.signal_name = len(steps) == stop_after, "SIGUSR1"
+        return self.requested
+
+    monkeypatch.setattr(PreemptionHandler, "requested_on_any_rank", preempt_once)
+    out = tmp_path / "run"
+    _run(data, out, "--epochs", "2", "--checkpoint_every", "1")
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt.get("iteration")) == (0, 1)
+    _run(data, out, "--epochs", "2", "--checkpoint_every", "1", "--resume", "auto")
+    assert len(steps) == 6  # 4 batches, then the 2 remaining ones of epoch 1: none repeated, none skipped
+    _assert_same_model(reference, out)
+    assert _train_losses(out) == _train_losses(reference)
