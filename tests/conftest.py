@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -51,3 +52,13 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Launcher code under test writes RANK/WORLD_SIZE/MASTER_* into os.environ; left behind, they make a later
+    main() in the same worker wait forever for a process group."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
