@@ -326,6 +326,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return _run(args, device)
     except NonFiniteLossError as e:
         raise SystemExit(f"error: training stopped: {e}; the last saved checkpoint is left as it was") from None
+    except RuntimeError as e:  # a collective failed (dead/hung rank, after --dist_timeout): name the rank
+        failure = dist_utils.peer_failure(e)
+        if failure is None:
+            raise
+        raise SystemExit(f"error: {failure}") from e
     finally:
         dist_utils.cleanup()
 

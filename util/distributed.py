@@ -22,6 +22,16 @@ class DeviceError(RuntimeError):
     """The requested device is not available on this machine."""
 
 
+class PeerFailureError(RuntimeError):
+    """A collective failed because other processes died or stopped answering (named in the message)."""
+
+
+# Side gloo group used only to find which ranks still answer after a collective failed (any backend).
+_probe_group: Any = None
+# Messages of the errors gloo/nccl raise when a peer dies or a collective times out.
+_PEER_FAILURE = re.compile(r"connection (closed|reset)|timed out|timeout|gloo|nccl|broken pipe", re.IGNORECASE)
+
+
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
@@ -107,11 +117,65 @@ def init_distributed_mode(args: argparse.Namespace, device: torch.device) -> Non
     dist.init_process_group(
         backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, timeout=timeout
     )
+    global _probe_group
+    _probe_group = dist.new_group(backend="gloo", timeout=timeout)
     log.info("distributed init (rank %d of %d, %s): %s", args.rank, args.world_size, backend, args.dist_url)
+
+
+def unresponsive_ranks(timeout_s: float = 10.0) -> list[int]:
+    """Ranks that do not answer a point-to-point ping on the probe group within ``timeout_s``.
+
+    Rank 0 pings every rank (a dead one fails at once, a hung one times out); other ranks only learn
+    whether rank 0 answers. Every surviving rank must call it (after a failed collective).
+    """
+    rank, world = get_rank(), get_world_size()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    token = torch.zeros(1)
+
+    def answered(work) -> bool:
+        try:
+            return bool(work.wait(timeout))
+        except RuntimeError:
+            return False
+
+    if rank != 0:
+        try:
+            sent = dist.isend(token, 0, group=_probe_group)
+        except RuntimeError:
+            return [0]
+        return [] if answered(sent) and answered(dist.irecv(token.clone(), 0, group=_probe_group)) else [0]
+    received = {}
+    for peer in range(1, world):
+        try:
+            received[peer] = dist.irecv(torch.zeros(1), peer, group=_probe_group)
+        except RuntimeError:
+            received[peer] = None
+    dead = [peer for peer, work in received.items() if work is None or not answered(work)]
+    for peer in sorted(set(received) - set(dead)):
+        try:
+            dist.isend(token, peer, group=_probe_group).wait(timeout)
+        except RuntimeError:
+            dead.append(peer)
+    return sorted(dead)
+
+
+def peer_failure(error: BaseException, timeout_s: float = 10.0) -> PeerFailureError | None:
+    """A PeerFailureError naming the unresponsive ranks if ``error`` is a failed collective, else None."""
+    if _probe_group is None or not is_dist_avail_and_initialized() or not _PEER_FAILURE.search(str(error)):
+        return None
+    dead = unresponsive_ranks(timeout_s)
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    who = f"rank(s) {', '.join(map(str, dead))} of {get_world_size()}" if dead else "another rank"
+    return PeerFailureError(
+        f"rank {get_rank()}: a collective failed because {who} died or stopped answering ({first}); "
+        "check that rank's log, then restart with --resume auto"
+    )
 
 
 def cleanup() -> None:
     """Leave the process group (no-op when none)."""
+    global _probe_group
+    _probe_group = None
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
 
