@@ -187,7 +187,9 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
         {"params": [p for n, p in named if "backbone" not in n]},
         {"params": [p for n, p in named if "backbone" in n], "lr": args.lr_backbone},
     ]
-    return torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    # The fused kernel (one launch for all tensors) is the same AdamW update, a few % of a CPU/CUDA step faster.
+    fused = bool(named) and all(p.device.type in ("cpu", "cuda") for _, p in named)
+    return torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
 
 
 class ResumableBatchSampler(BatchSampler):
@@ -373,6 +375,9 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dataset_train = None if args.eval else datasets.build_dataset("train", args)
     loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)  # panoptic: its instance annotations (box AP)
+    if "panoptic" in postprocessors and hasattr(dataset_val, "is_thing_map"):
+        # The published COCO rule (ids <= 90 are things) is wrong for other panoptic data; the dataset knows.
+        postprocessors["panoptic"].is_thing_map = dataset_val.is_thing_map
     warn_dilated_eval_batch(args)
 
     start_iteration = load_weights(args, state)

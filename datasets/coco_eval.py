@@ -53,17 +53,21 @@ def _empty_results(coco_gt: COCO) -> COCO:
 
 
 def _make_cocoeval(backend: str, coco_gt: COCO, results: list[dict], iou_type: str):
-    """Build an evaluation object of ``backend`` for ``results`` (COCO results format; may be empty)."""
+    """Build an evaluation object of ``backend`` for ``results`` (COCO results format; may be empty).
+
+    loadRes adds keys (id, area, bbox) to each result dict: a shallow copy per dict keeps ``results`` clean at a
+    fraction of a deep copy's cost (which was most of the faster backend's time).
+    """
     if backend == "pycocotools":
         with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes(copy.deepcopy(results)) if results else _empty_results(coco_gt)
+            coco_dt = coco_gt.loadRes([dict(r) for r in results]) if results else _empty_results(coco_gt)
         return COCOeval(coco_gt, coco_dt, iouType=iou_type)
     if backend == "faster":
         from faster_coco_eval import COCO as FasterCOCO
         from faster_coco_eval import COCOeval_faster
 
         gt = FasterCOCO(coco_gt.dataset)
-        return COCOeval_faster(gt, gt.loadRes(copy.deepcopy(results)), iouType=iou_type)
+        return COCOeval_faster(gt, gt.loadRes([dict(r) for r in results]), iouType=iou_type)
     raise ValueError(f"unknown eval backend '{backend}'; choose one of {BACKENDS}")
 
 
