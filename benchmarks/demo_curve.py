@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         wall, cpu, load = run_demo(args.output_dir, extra)
         lines = read_log(args.output_dir / "log.txt")
         print(f"\nmachine: {before}")
-        print(f"wall time {wall:.0f} s (data generation included), CPU time {cpu:.0f} s, load average at end {load:.1f}")
+        print(
+            f"wall time {wall:.0f} s (data generation included), CPU time {cpu:.0f} s, load average at end {load:.1f}"
+        )
     elif args.log is not None:
         lines = read_log(args.log)
     else:
