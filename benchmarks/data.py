@@ -4,7 +4,7 @@ Generates 640x480 JPEGs (the typical COCO size) with a COCO annotation file in a
 ``CocoDetection`` with the published transforms in one process with one thread (what one DataLoader worker
 does). Writes a markdown table.
 
-    python benchmarks/data.py --out benchmarks/RESULTS_data.md
+    python benchmarks/data.py --out /tmp/data_table.md  (then paste into benchmarks/RESULTS.md)
 """
 
 from __future__ import annotations
