@@ -26,14 +26,9 @@ from datasets.coco_io import (
     read_image_rgb,
 )
 from datasets.errors import DatasetError
+from datasets.skipping import SkippingDataset
 
 logger = logging.getLogger(__name__)
-
-# Slots of the shared skip counter: one per DataLoader worker (slot 0 = the main process), so counts from
-# concurrent workers never race.
-_COUNTER_SLOTS = 256
-# A training sample that cannot be read is replaced by the next index at most this many times in a row.
-_MAX_SUBSTITUTIONS = 32
 
 
 def convert_coco_poly_to_mask(segmentations: list[Any], height: int, width: int) -> Tensor:
@@ -99,7 +94,7 @@ class ConvertCocoPolysToMask:
         return image, T.select_instances(out, keep)
 
 
-class CocoDetection(torch.utils.data.Dataset):
+class CocoDetection(SkippingDataset):
     """COCO-format detection dataset (pycocotools index) returning ``(image, target)`` pairs.
 
     Args:
@@ -139,12 +134,10 @@ class CocoDetection(torch.utils.data.Dataset):
         self.coco = coco_api_from_json(data)
         self._transforms = transforms
         self.prepare = ConvertCocoPolysToMask(return_masks)
-        self.skip_bad_images = skip_bad_images
-        self.substitute_bad = substitute_bad
+        super().__init__(skip_bad_images, substitute_bad)
         self.decoder = decoder
         self.excluded_ids = self._check_boxes(data)
         self.ids = sorted(set(self.coco.imgs) - set(self.excluded_ids))
-        self._skip_counts = torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
 
     def _check_boxes(self, data: dict[str, Any]) -> list[int]:
         bad = invalid_box_annotations(data)
@@ -168,32 +161,6 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def skipped(self) -> int:
-        """Samples skipped so far (all workers; the image ids excluded at start are not included)."""
-        return int(self._skip_counts.sum())
-
-    def __getitem__(self, index: int) -> tuple[Any, dict[str, Tensor]] | None:
-        for _ in range(_MAX_SUBSTITUTIONS):
-            try:
-                return self.load_sample(index)
-            except DatasetError as err:
-                if not self.skip_bad_images:
-                    raise
-                self._count_skip()
-                logger.warning("skipping sample %d: %s", index, err)
-                if not self.substitute_bad:
-                    return None
-                index = (index + 1) % len(self)
-        raise DatasetError(
-            f"{self.img_folder}: {_MAX_SUBSTITUTIONS} unreadable images in a row; the image folder looks broken"
-        )
-
-    def _count_skip(self) -> None:
-        worker = torch.utils.data.get_worker_info()
-        slot = 0 if worker is None else 1 + worker.id % (_COUNTER_SLOTS - 1)
-        self._skip_counts[slot] += 1
 
     def load_sample(self, index: int) -> tuple[Any, dict[str, Tensor]]:
         """Decode, check and transform sample ``index`` (no skipping).

@@ -24,13 +24,11 @@ from datasets.coco import make_coco_transforms
 from datasets.coco_io import coco_api_from_json, load_coco_json, read_image_rgb
 from datasets.errors import DatasetError
 from datasets.panoptic_quality import read_panoptic_png
+from datasets.skipping import SkippingDataset
 
 __all__ = ["CocoPanoptic", "build", "panoptic_paths"]
 
 logger = logging.getLogger(__name__)
-
-# A training sample that cannot be read is replaced by the next index at most this many times in a row.
-_MAX_SUBSTITUTIONS = 32
 
 
 def _load_panoptic_json(path: Path) -> dict[str, Any]:
@@ -51,7 +49,7 @@ def _load_panoptic_json(path: Path) -> dict[str, Any]:
     return data
 
 
-class CocoPanoptic(torch.utils.data.Dataset):
+class CocoPanoptic(SkippingDataset):
     """COCO panoptic segmentation dataset returning ``(image, target)`` pairs.
 
     Args:
@@ -98,8 +96,7 @@ class CocoPanoptic(torch.utils.data.Dataset):
         self.detection_ann_file = None if detection_ann_file is None else Path(detection_ann_file)
         self._transforms = transforms
         self.return_masks = return_masks
-        self.skip_bad_images = skip_bad_images
-        self.substitute_bad = substitute_bad
+        super().__init__(skip_bad_images, substitute_bad)
         self.ids = [int(a["image_id"]) for a in self.annotations]
 
     @cached_property
@@ -116,19 +113,6 @@ class CocoPanoptic(torch.utils.data.Dataset):
         """(height, width) of sample ``index`` from the annotation file."""
         image = self.images[int(self.annotations[index]["image_id"])]
         return int(image["height"]), int(image["width"])
-
-    def __getitem__(self, index: int) -> tuple[Any, dict[str, Tensor]] | None:
-        for _ in range(_MAX_SUBSTITUTIONS):
-            try:
-                return self.load_sample(index)
-            except DatasetError as err:
-                if not self.skip_bad_images:
-                    raise
-                logger.warning("skipping sample %d: %s", index, err)
-                if not self.substitute_bad:
-                    return None
-                index = (index + 1) % len(self)
-        raise DatasetError(f"{self.img_folder}: {_MAX_SUBSTITUTIONS} unreadable samples in a row; check the dataset")
 
     def load_sample(self, index: int) -> tuple[Any, dict[str, Tensor]]:
         """Decode sample ``index`` and build its target (no skipping).

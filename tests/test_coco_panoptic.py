@@ -160,3 +160,13 @@ def test_two_stage_panoptic_training_logs_pq(synthetic_root, tmp_path):
     }
     for name, value in frozen.items():  # the detector did not move during stage 2
         torch.testing.assert_close(state[f"detr.{name}"], value)
+
+
+def test_skip_bad_images_drops_and_counts_a_missing_png(tmp_path):
+    write_dataset(tmp_path)
+    (tmp_path / "panoptic_val2017" / "000000000042.png").unlink()
+    paths = (tmp_path / "val2017", tmp_path / "panoptic_val2017", tmp_path / "annotations/panoptic_val2017.json")
+    with pytest.raises(DatasetError, match="000000000042.png"):
+        CocoPanoptic(*paths)[0]
+    ds = CocoPanoptic(*paths, skip_bad_images=True)
+    assert ds[0] is None and ds.skipped == 1
