@@ -279,3 +279,13 @@ def test_junk_bytes_give_a_checkpoint_error(tmp_path, seed):
         with pytest.raises(CheckpointError, match=r"junk\.pth") as info:
             load_checkpoint(target)
         assert "\n" not in str(info.value), data
+
+
+def test_save_after_a_kill_between_link_and_replace_leaves_no_temporary(tmp_path):
+    target = tmp_path / "checkpoint.pth"
+    save_checkpoint({"epoch": 0}, target)
+    os.link(target, target.with_name("checkpoint.pth.prev"))  # the state such a kill leaves: two names, one file
+    save_checkpoint({"epoch": 1}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "checkpoint.pth.prev"]
+    assert load_checkpoint(target)["epoch"] == 1
+    assert load_checkpoint(target.with_name("checkpoint.pth.prev"))["epoch"] == 0

@@ -123,6 +123,10 @@ def check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
 def _keep_previous(path: Path) -> None:
     """Make ``<path>.prev`` a copy of ``path`` without ever leaving ``path`` missing."""
     prev = path.with_name(path.name + ".prev")
+    if prev.exists() and os.path.samefile(path, prev):
+        # A save killed between linking and replacing left both names on one file. Renaming a third link onto
+        # it would be a no-op (POSIX rename of two links to one inode) and leave the temporary link behind.
+        return
     link = path.with_name(f".{path.name}.prev.{os.getpid()}.tmp")
     link.unlink(missing_ok=True)
     try:
