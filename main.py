@@ -332,7 +332,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         failure = dist_utils.peer_failure(e)
         if failure is None:
             raise
-        raise SystemExit(f"error: {failure}") from e
+        dist_utils.exit_after_peer_failure(failure)
     finally:
         dist_utils.cleanup()
 

@@ -30,7 +30,9 @@ try:
     du.all_reduce_sum(torch.ones(1))
 except RuntimeError as e:
     failure = du.peer_failure(e, timeout_s=2)
-    sys.exit(f"error: {failure}" if failure else f"unexplained: {e}")
+    if failure is None:
+        sys.exit(f"unexplained: {e}")
+    du.exit_after_peer_failure(failure)
 sys.exit("error: the collective succeeded")
 """
 

@@ -10,7 +10,8 @@ import datetime
 import logging
 import os
 import re
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -170,6 +171,19 @@ def peer_failure(error: BaseException, timeout_s: float = 10.0) -> PeerFailureEr
         f"rank {get_rank()}: a collective failed because {who} died or stopped answering ({first}); "
         "check that rank's log, then restart with --resume auto"
     )
+
+
+def exit_after_peer_failure(failure: PeerFailureError) -> NoReturn:
+    """Print ``error: <failure>`` and end this process at once with status 1.
+
+    A process group with a dead member cannot be torn down safely: gloo and nccl destructors can abort
+    (SIGABRT, "terminate called without an active exception") or hang at interpreter exit, so skip them.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {failure}\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def cleanup() -> None:
