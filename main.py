@@ -55,7 +55,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dilation",
         action="store_true",
-        help="dilate the last ResNet stage instead of striding it (DC5)",
+        help="dilate the last ResNet stage instead of striding it (DC5: output stride 16; any --backbone)",
     )
     parser.add_argument(
         "--position_embedding",

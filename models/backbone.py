@@ -131,13 +131,14 @@ class Backbone(nn.Module):
         super().__init__()
         if name not in _CHANNELS:
             raise ValueError(f"--backbone {name}: unsupported; choose one of {sorted(_CHANNELS)}")
-        if dilation and name in ("resnet18", "resnet34"):
-            raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50/resnet101), got --backbone {name}")
+        basic_blocks = name in ("resnet18", "resnet34")  # torchvision cannot dilate BasicBlock stages itself
         resnet = getattr(torchvision.models, name)(
             weights=None,
-            replace_stride_with_dilation=[False, False, dilation],
+            replace_stride_with_dilation=[False, False, dilation and not basic_blocks],
             norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5),
         )
+        if dilation and basic_blocks:
+            _dilate_basic_stage(resnet.layer4)
         load_backbone_weights(resnet, weights, name)
         for param_name, param in resnet.named_parameters():
             trainable = train_backbone and param_name.split(".")[0] in ("layer2", "layer3", "layer4")
@@ -159,6 +160,20 @@ class Backbone(nn.Module):
             feature_mask = _downsample_mask_nearest(mask, feature.shape[-2:])
             out[key] = NestedTensor(feature, feature_mask)
         return out
+
+
+def _dilate_basic_stage(stage: nn.Sequential) -> None:
+    """Replace the stride of a BasicBlock stage by dilation (the "a trous" trick torchvision applies to
+    Bottleneck stages): the first block loses its stride and every 3x3 convolution after it gets dilation 2,
+    so the output at even positions equals the strided stage's output. Same parameters and state-dict keys.
+    """
+    first = stage[0]
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    convs = [first.conv2] + [conv for block in list(stage)[1:] for conv in (block.conv1, block.conv2)]
+    for conv in convs:
+        conv.dilation, conv.padding = (2, 2), (2, 2)
 
 
 class Joiner(nn.Sequential):

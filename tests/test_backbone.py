@@ -50,16 +50,29 @@ def test_all_stages_with_masks_and_joiner_positions(tiny_args):
     assert all(f.mask.shape == f.tensors.shape[:1] + f.tensors.shape[2:] for f in features)
 
 
-def test_dilation_gives_stride_16_and_needs_bottleneck():
+def test_dilation_gives_stride_16():
     with torch.device("meta"):  # shapes only: skips initialising 25M parameters
         body = Backbone("resnet50", train_backbone=False, return_interm_layers=False, dilation=True, weights="none")
         out = body(nested_tensor_from_tensor_list([torch.rand(3, 64, 64)]))["0"]
     assert out.tensors.shape == (1, 2048, 4, 4) and body.body.layer4[0].conv2.dilation == (1, 1)
     assert body.body.layer4[1].conv2.dilation == (2, 2) and body.body.layer3[1].conv2.dilation == (1, 1)
-    with pytest.raises(ValueError, match="dilation"):
-        Backbone("resnet18", train_backbone=True, return_interm_layers=False, dilation=True, weights="none")
     with pytest.raises(ValueError, match="resnet152"):
         Backbone("resnet152", train_backbone=True, return_interm_layers=False, dilation=False, weights="none")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_dilated_last_stage_is_the_strided_one_sampled_at_even_positions(name):
+    """A trous identity: same weights, dilation instead of stride -> the strided output at every other cell."""
+    torch.manual_seed(0)
+    strided = Backbone(name, train_backbone=False, return_interm_layers=False, dilation=False, weights="none")
+    dilated = Backbone(name, train_backbone=False, return_interm_layers=False, dilation=True, weights="none")
+    dilated.load_state_dict(strided.state_dict())
+    images = nested_tensor_from_tensor_list([torch.rand(3, 96, 128)])
+    with torch.no_grad():
+        coarse, fine = strided(images)["0"].tensors, dilated(images)["0"].tensors
+    assert coarse.shape[-2:] == (3, 4) and fine.shape[-2:] == (6, 8)
+    torch.testing.assert_close(fine[..., ::2, ::2], coarse, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fine[..., 1::2, 1::2], coarse, rtol=1e-2, atol=1e-2)  # odd cells are new
 
 
 @pytest.mark.parametrize("lr_backbone", ["1e-5", "0"])
