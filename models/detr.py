@@ -18,6 +18,7 @@ from .backbone import build_backbone
 from .criterion import SetCriterion
 from .matcher import build_matcher
 from .postprocess import PostProcess
+from .spatial_prior import SPATIAL_PRIORS
 from .transformer import Transformer, build_transformer
 
 __all__ = ["DETR", "MLP", "PostProcess", "SetCriterion", "build", "num_classes_from_args"]
@@ -52,7 +53,13 @@ class DETR(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int, aux_loss=False
+        self,
+        backbone: nn.Module,
+        transformer: Transformer,
+        num_classes: int,
+        num_queries: int,
+        aux_loss=False,
+        spatial_prior: str = "none",
     ):
         super().__init__()
         hidden_dim = transformer.d_model
@@ -64,6 +71,9 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
+        if spatial_prior not in SPATIAL_PRIORS:
+            raise ValueError(f"--spatial_prior {spatial_prior}: expected one of {SPATIAL_PRIORS}")
+        self.spatial_prior = spatial_prior
 
     def forward(self, samples: NestedTensor | list[Tensor] | Tensor) -> dict:
         """Detect objects.
@@ -80,13 +90,17 @@ class DETR(nn.Module):
             samples = nested_tensor_from_tensor_list(samples)
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
+        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1], self.prior_box_head())[0]
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
         return out
+
+    def prior_box_head(self) -> nn.Module | None:
+        """The box MLP the decoder's spatial prior reads boxes with, or None without a prior (published)."""
+        return self.bbox_embed if self.spatial_prior == "gaussian" else None
 
     def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor) -> list[dict[str, Tensor]]:
         """[L, B, Q, K+1], [L, B, Q, 4] -> the L - 1 intermediate layers as output dicts."""
@@ -121,6 +135,7 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, SetCriterion, dict[str, 
         num_classes=num_classes,
         num_queries=args.num_queries,
         aux_loss=args.aux_loss,
+        spatial_prior=getattr(args, "spatial_prior", "none"),
     )
     if args.masks:
         from .segmentation import DETRsegm  # lazy: only the mask variant needs it

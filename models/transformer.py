@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .spatial_prior import gaussian_attention_bias, token_centers
 
 __all__ = [
     "ATTENTION_KERNELS",
@@ -73,6 +76,7 @@ class MultiheadAttention(nn.Module):
         key: Tensor,
         value: Tensor,
         key_padding_mask: Tensor | None = None,
+        attn_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from queries to keys.
 
@@ -81,6 +85,7 @@ class MultiheadAttention(nn.Module):
             key: [B, Lk, D].
             value: [B, Lk, D].
             key_padding_mask: [B, Lk] bool, True on keys to ignore (padding).
+            attn_bias: [B, Lq, Lk] float added to every head's attention logits (e.g. a spatial prior).
 
         Returns:
             (output [B, Lq, D], head-averaged attention weights [B, Lq, Lk] with the 'math' kernel, else None).
@@ -98,11 +103,18 @@ class MultiheadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         weights = None
         if self.kernel == "sdpa":
-            # SDPA's boolean mask marks the keys to attend to, the opposite of a padding mask.
-            attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+            if attn_bias is None:
+                # SDPA's boolean mask marks the keys to attend to, the opposite of a padding mask.
+                attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+            else:
+                attend = attn_bias[:, None].to(q.dtype)
+                if key_padding_mask is not None:
+                    attend = attend.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            if attn_bias is not None:
+                scores = scores + attn_bias[:, None].to(scores.dtype)
             if key_padding_mask is not None:
                 scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
             probs = scores.softmax(dim=-1)
@@ -186,8 +198,9 @@ class TransformerDecoderLayer(nn.Module):
         memory_key_padding_mask: Tensor | None,
         pos: Tensor | None,
         query_pos: Tensor | None,
+        cross_attn_bias: Tensor | None = None,
     ) -> Tensor:
-        """tgt, query_pos: [B, Q, D]; memory, pos: [B, HW, D]; mask: [B, HW] -> [B, Q, D]."""
+        """tgt, query_pos: [B, Q, D]; memory, pos: [B, HW, D]; mask: [B, HW]; bias: [B, Q, HW] -> [B, Q, D]."""
         memory_key = memory if pos is None else memory + pos
         if self.normalize_before:
             x = self.norm1(tgt)
@@ -195,12 +208,14 @@ class TransformerDecoderLayer(nn.Module):
             tgt = tgt + self.dropout1(self.self_attn(q, k, x)[0])
             x = self.norm2(tgt)
             q = x if query_pos is None else x + query_pos
-            tgt = tgt + self.dropout2(self.multihead_attn(q, memory_key, memory, memory_key_padding_mask)[0])
+            cross = self.multihead_attn(q, memory_key, memory, memory_key_padding_mask, cross_attn_bias)[0]
+            tgt = tgt + self.dropout2(cross)
             return tgt + self.dropout3(self._feed_forward(self.norm3(tgt)))
         q = k = tgt if query_pos is None else tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)[0]))
         q = tgt if query_pos is None else tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.multihead_attn(q, memory_key, memory, memory_key_padding_mask)[0]))
+        cross = self.multihead_attn(q, memory_key, memory, memory_key_padding_mask, cross_attn_bias)[0]
+        tgt = self.norm2(tgt + self.dropout2(cross))
         return self.norm3(tgt + self.dropout3(self._feed_forward(tgt)))
 
 
@@ -243,13 +258,24 @@ class TransformerDecoder(nn.Module):
         memory_key_padding_mask: Tensor | None = None,
         pos: Tensor | None = None,
         query_pos: Tensor | None = None,
+        box_head: Callable[[Tensor], Tensor] | None = None,
+        centers: Tensor | None = None,
     ) -> Tensor:
-        """Returns [L, B, Q, D] (every layer) with return_intermediate, else [1, B, Q, D] (last layer)."""
+        """Returns [L, B, Q, D] (every layer) with return_intermediate, else [1, B, Q, D] (last layer).
+
+        With ``box_head`` (normalised decoder output -> box logits) and ``centers`` (``token_centers``), every
+        layer after the first gets the Gaussian spatial prior of the previous layer's boxes (no gradient).
+        """
         outputs = []
+        bias = None
         for index, layer in enumerate(self.layers):
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, bias)
+            normed = self.norm(tgt)
             if self.return_intermediate or index == len(self.layers) - 1:
-                outputs.append(self.norm(tgt))
+                outputs.append(normed)
+            if box_head is not None and index < len(self.layers) - 1:
+                with torch.no_grad():
+                    bias = gaussian_attention_bias(box_head(normed).sigmoid(), centers)
         return torch.stack(outputs)
 
 
@@ -304,7 +330,12 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(
-        self, src: Tensor, mask: Tensor | None, query_embed: Tensor, pos_embed: Tensor
+        self,
+        src: Tensor,
+        mask: Tensor | None,
+        query_embed: Tensor,
+        pos_embed: Tensor,
+        box_head: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode the feature map and decode the object queries.
 
@@ -313,6 +344,8 @@ class Transformer(nn.Module):
             mask: [B, H, W] bool, True on padding (or None).
             query_embed: [Q, D] learned object queries (the decoder input starts at zeros).
             pos_embed: [B, D, H, W] position encoding.
+            box_head: the detector's box MLP; given, the decoder's cross-attention gets the Gaussian spatial
+                prior of ``models.spatial_prior`` (the published model passes None).
 
         Returns:
             (hs [L, B, Q, D] decoder outputs after the final norm, memory [B, D, H, W] encoder output).
@@ -324,7 +357,11 @@ class Transformer(nn.Module):
         key_padding_mask = None if mask is None else mask.flatten(1)
         memory = self.encoder(src, key_padding_mask=key_padding_mask, pos=pos)
         tgt = torch.zeros_like(query_pos)
-        hs = self.decoder(tgt, memory, memory_key_padding_mask=key_padding_mask, pos=pos, query_pos=query_pos)
+        centers = None if box_head is None else token_centers(mask, batch, height, width, src.device)
+        hs = self.decoder(
+            tgt, memory, memory_key_padding_mask=key_padding_mask, pos=pos, query_pos=query_pos,
+            box_head=box_head, centers=centers,
+        )  # fmt: skip
         return hs, memory.transpose(1, 2).reshape(batch, dim, height, width)
 
 

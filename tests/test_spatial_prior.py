@@ -1,0 +1,83 @@
+"""--spatial_prior gaussian: bias values by hand, attention with a bias vs torch, DETR keys and layer wiring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.spatial_prior import gaussian_attention_bias, token_centers
+from models.transformer import MultiheadAttention
+from util.misc import nested_tensor_from_tensor_list
+
+
+def test_token_centers_are_relative_to_the_unpadded_image():
+    mask = torch.zeros(2, 2, 4, dtype=torch.bool)
+    mask[1, :, 2:] = True  # image 1: only two valid columns
+    mask[1, 1:, :] = True  # ... and one valid row
+    centers = token_centers(mask, 2, 2, 4, torch.device("cpu")).view(2, 2, 4, 4)
+    assert centers[0, 0, :, 0].tolist() == [0.125, 0.375, 0.625, 0.875]
+    assert centers[0, :, 0, 1].tolist() == [0.25, 0.75]
+    assert centers[1, 0, :, 0].tolist() == [0.25, 0.75, 1.25, 1.75]  # padding lies beyond 1
+    assert centers[1, :, 0, 1].tolist() == [0.5, 1.5]
+    assert centers[1, 0, 0, 2:].tolist() == [0.5, 1.0]  # one cell: 1/2 column, 1/1 row
+
+
+def test_gaussian_bias_by_hand():
+    height, width = 2, 4
+    centers = token_centers(None, 1, height, width, torch.device("cpu"))
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 1.0], [0.9, 0.1, 0.01, 0.01]]])
+    bias = gaussian_attention_bias(boxes, centers)
+    assert bias.shape == (1, 2, height * width)
+    for q, (cx, cy, w, h) in enumerate(boxes[0].tolist()):
+        for row in range(height):
+            for col in range(width):
+                x, y = (col + 0.5) / width, (row + 0.5) / height
+                half_w, half_h = max(w / 2, 1 / width), max(h / 2, 1 / height)  # at least one cell
+                expected = -0.5 * (((x - cx) / half_w) ** 2 + ((y - cy) / half_h) ** 2)
+                assert math.isclose(bias[0, q, row * width + col].item(), expected, rel_tol=1e-6, abs_tol=1e-6)
+    assert bias[0, 0, 1].item() == pytest.approx(-0.5 * (0.5**2 + 0.5**2))  # (0.375, 0.25) vs box centre
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "math"])
+def test_attention_bias_matches_torch_float_mask(kernel):
+    torch.manual_seed(0)
+    dim, heads, batch, lq, lk = 16, 4, 2, 3, 5
+    ours = MultiheadAttention(dim, heads, kernel=kernel).eval()
+    ref = nn.MultiheadAttention(dim, heads, batch_first=True).eval()
+    ref.load_state_dict(ours.state_dict())
+    query, key = torch.randn(batch, lq, dim), torch.randn(batch, lk, dim)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    bias = torch.randn(batch, lq, lk) * 3
+    out = ours(query, key, key, padding, bias)[0]
+    float_mask = bias.masked_fill(padding[:, None, :], float("-inf")).repeat_interleave(heads, dim=0)
+    expected = ref(query, key, key, attn_mask=float_mask, need_weights=False)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, ours(query, key, key, padding)[0], atol=1e-3)  # the bias changes the result
+
+
+def test_detr_with_prior_keeps_the_keys_and_biases_only_later_layers(tiny_args):
+    import models
+
+    torch.manual_seed(0)
+    plain = models.build_model(tiny_args("--dec_layers", "3"))[0].eval()
+    prior = models.build_model(tiny_args("--dec_layers", "3", "--spatial_prior", "gaussian"))[0].eval()
+    assert plain.state_dict().keys() == prior.state_dict().keys()
+    prior.load_state_dict(plain.state_dict())
+    images = nested_tensor_from_tensor_list([torch.rand(3, 64, 96), torch.rand(3, 80, 48)])
+    with torch.no_grad():
+        out_plain, out_prior = plain(images), prior(images)
+    first_prior, first_plain = out_prior["aux_outputs"][0], out_plain["aux_outputs"][0]
+    torch.testing.assert_close(first_prior["pred_boxes"], first_plain["pred_boxes"])  # layer 1 has no prior
+    assert not torch.allclose(out_prior["pred_boxes"], out_plain["pred_boxes"], atol=1e-4)
+
+
+def test_unknown_prior_is_refused(tiny_args):
+    import models
+
+    args = tiny_args()
+    args.spatial_prior = "cauchy"
+    with pytest.raises(ValueError, match="--spatial_prior cauchy"):
+        models.build_model(args)
