@@ -7,6 +7,7 @@ import path ``models.detr``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ class DETR(nn.Module):
         num_queries: int,
         aux_loss=False,
         spatial_prior: str = "none",
+        box_refine: bool = False,
     ):
         super().__init__()
         hidden_dim = transformer.d_model
@@ -74,6 +76,7 @@ class DETR(nn.Module):
         if spatial_prior not in SPATIAL_PRIORS:
             raise ValueError(f"--spatial_prior {spatial_prior}: expected one of {SPATIAL_PRIORS}")
         self.spatial_prior = spatial_prior
+        self.box_refine = box_refine
 
     def forward(self, samples: NestedTensor | list[Tensor] | Tensor) -> dict:
         """Detect objects.
@@ -92,15 +95,37 @@ class DETR(nn.Module):
         src, mask = features[-1].decompose()
         hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1], self.prior_box_head())[0]
         outputs_class = self.class_embed(hs)
-        outputs_coord = self.bbox_embed(hs).sigmoid()
+        outputs_coord = self.predict_boxes(hs)
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
         return out
 
-    def prior_box_head(self) -> nn.Module | None:
-        """The box MLP the decoder's spatial prior reads boxes with, or None without a prior (published)."""
-        return self.bbox_embed if self.spatial_prior == "gaussian" else None
+    def predict_boxes(self, hs: Tensor) -> Tensor:
+        """Decoder outputs [L, B, Q, D] -> boxes [L, B, Q, 4] (cx, cy, w, h in [0, 1]).
+
+        Published: every layer's box is ``bbox_embed(h).sigmoid()``. With ``box_refine`` the layers after the
+        first predict a correction in logit space to the previous layer's (detached) box, the iterative
+        refinement of Deformable DETR with the one shared ``bbox_embed`` (no new weights).
+        """
+        deltas = self.bbox_embed(hs)
+        if not self.box_refine:
+            return deltas.sigmoid()
+        boxes = [deltas[0].sigmoid()]
+        for delta in deltas[1:]:
+            boxes.append((delta + torch.logit(boxes[-1].detach(), eps=1e-5)).sigmoid())
+        return torch.stack(boxes)
+
+    def _layer_box(self, h: Tensor, previous: Tensor | None) -> Tensor:
+        """One decoder layer's boxes [B, Q, 4] from its normalised output (and the previous layer's boxes)."""
+        delta = self.bbox_embed(h)
+        if self.box_refine and previous is not None:
+            return (delta + torch.logit(previous, eps=1e-5)).sigmoid()
+        return delta.sigmoid()
+
+    def prior_box_head(self) -> Callable[[Tensor, Tensor | None], Tensor] | None:
+        """What the decoder's spatial prior reads each layer's boxes with, or None without a prior (published)."""
+        return self._layer_box if self.spatial_prior == "gaussian" else None
 
     def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor) -> list[dict[str, Tensor]]:
         """[L, B, Q, K+1], [L, B, Q, 4] -> the L - 1 intermediate layers as output dicts."""
@@ -136,6 +161,7 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, SetCriterion, dict[str, 
         num_queries=args.num_queries,
         aux_loss=args.aux_loss,
         spatial_prior=getattr(args, "spatial_prior", "none"),
+        box_refine=getattr(args, "box_refine", False),
     )
     if args.masks:
         from .segmentation import DETRsegm  # lazy: only the mask variant needs it

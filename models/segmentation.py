@@ -220,7 +220,7 @@ class DETRsegm(nn.Module):
     def _detection_outputs(self, hs: Tensor) -> dict:
         detr = self.detr
         logits = detr.class_embed(hs)
-        boxes = detr.bbox_embed(hs).sigmoid()
+        boxes = detr.predict_boxes(hs)
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if getattr(detr, "aux_loss", False):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]

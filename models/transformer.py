@@ -258,16 +258,17 @@ class TransformerDecoder(nn.Module):
         memory_key_padding_mask: Tensor | None = None,
         pos: Tensor | None = None,
         query_pos: Tensor | None = None,
-        box_head: Callable[[Tensor], Tensor] | None = None,
+        box_head: Callable[[Tensor, Tensor | None], Tensor] | None = None,
         centers: Tensor | None = None,
     ) -> Tensor:
         """Returns [L, B, Q, D] (every layer) with return_intermediate, else [1, B, Q, D] (last layer).
 
-        With ``box_head`` (normalised decoder output -> box logits) and ``centers`` (``token_centers``), every
-        layer after the first gets the Gaussian spatial prior of the previous layer's boxes (no gradient).
+        With ``box_head`` ((normalised decoder output, previous layer's boxes or None) -> boxes in [0, 1]) and
+        ``centers`` (``token_centers``), every layer after the first gets the Gaussian spatial prior of the
+        previous layer's boxes (no gradient).
         """
         outputs = []
-        bias = None
+        bias = boxes = None
         for index, layer in enumerate(self.layers):
             tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, bias)
             normed = self.norm(tgt)
@@ -275,7 +276,8 @@ class TransformerDecoder(nn.Module):
                 outputs.append(normed)
             if box_head is not None and index < len(self.layers) - 1:
                 with torch.no_grad():
-                    bias = gaussian_attention_bias(box_head(normed).sigmoid(), centers)
+                    boxes = box_head(normed, boxes)
+                    bias = gaussian_attention_bias(boxes, centers)
         return torch.stack(outputs)
 
 
@@ -335,7 +337,7 @@ class Transformer(nn.Module):
         mask: Tensor | None,
         query_embed: Tensor,
         pos_embed: Tensor,
-        box_head: Callable[[Tensor], Tensor] | None = None,
+        box_head: Callable[[Tensor, Tensor | None], Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode the feature map and decode the object queries.
 
@@ -344,8 +346,8 @@ class Transformer(nn.Module):
             mask: [B, H, W] bool, True on padding (or None).
             query_embed: [Q, D] learned object queries (the decoder input starts at zeros).
             pos_embed: [B, D, H, W] position encoding.
-            box_head: the detector's box MLP; given, the decoder's cross-attention gets the Gaussian spatial
-                prior of ``models.spatial_prior`` (the published model passes None).
+            box_head: the detector's per-layer box predictor (``DETR.prior_box_head``); given, the decoder's
+                cross-attention gets the Gaussian spatial prior of ``models.spatial_prior`` (published: None).
 
         Returns:
             (hs [L, B, Q, D] decoder outputs after the final norm, memory [B, D, H, W] encoder output).

@@ -81,3 +81,43 @@ def test_unknown_prior_is_refused(tiny_args):
     args.spatial_prior = "cauchy"
     with pytest.raises(ValueError, match="--spatial_prior cauchy"):
         models.build_model(args)
+
+
+def test_box_refinement_by_hand(tiny_args):
+    import models
+
+    model = models.build_model(tiny_args("--dec_layers", "3", "--box_refine"))[0]
+    plain = models.build_model(tiny_args("--dec_layers", "3"))[0]
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    hs = torch.randn(3, 2, 4, model.transformer.d_model, requires_grad=True)
+    boxes = model.predict_boxes(hs)
+    deltas = model.bbox_embed(hs)
+    expected = [deltas[0].sigmoid()]
+    for layer in (1, 2):
+        previous = expected[-1].clamp(1e-5, 1 - 1e-5)
+        expected.append((deltas[layer] + torch.log(previous / (1 - previous))).sigmoid())
+    torch.testing.assert_close(boxes, torch.stack(expected))
+    boxes[2].sum().backward()  # the previous layers' boxes are detached: no gradient reaches their outputs
+    assert hs.grad[:2].abs().max() == 0 and hs.grad[2].abs().max() > 0
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain.predict_boxes(hs), deltas.sigmoid())  # published: independent layers
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_prior_of_each_layer_comes_from_the_previous_layers_output_boxes(tiny_args, refine):
+    import models
+
+    flags = ["--dec_layers", "3", "--spatial_prior", "gaussian"] + (["--box_refine"] if refine else [])
+    model = models.build_model(tiny_args(*flags))[0].eval()
+    seen: list = []
+    for layer in model.transformer.decoder.layers:
+        layer.multihead_attn.register_forward_pre_hook(lambda mod, args: seen.append(args[4]))
+    images = nested_tensor_from_tensor_list([torch.rand(3, 64, 96), torch.rand(3, 80, 48)])
+    with torch.no_grad():
+        out = model(images)
+    assert seen[0] is None and len(seen) == 3
+    features = model.backbone(images)[0][-1]
+    centers = token_centers(features.mask, 2, *features.tensors.shape[-2:], torch.device("cpu"))
+    for layer in (1, 2):
+        previous = out["aux_outputs"][layer - 1]["pred_boxes"]
+        torch.testing.assert_close(seen[layer], gaussian_attention_bias(previous, centers))
