@@ -19,7 +19,7 @@ from .backbone import build_backbone
 from .criterion import SetCriterion
 from .matcher import build_matcher
 from .postprocess import PostProcess
-from .spatial_prior import SPATIAL_PRIORS
+from .spatial_prior import SPATIAL_PRIORS, anchor_boxes
 from .transformer import Transformer, build_transformer
 
 __all__ = ["DETR", "MLP", "PostProcess", "SetCriterion", "build", "num_classes_from_args"]
@@ -93,7 +93,7 @@ class DETR(nn.Module):
             samples = nested_tensor_from_tensor_list(samples)
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1], self.prior_box_head())[0]
+        hs = self.run_transformer(self.input_proj(src), mask, pos[-1])[0]
         outputs_class = self.class_embed(hs)
         outputs_coord = self.predict_boxes(hs)
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
@@ -101,19 +101,34 @@ class DETR(nn.Module):
             out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
         return out
 
+    def run_transformer(self, src: Tensor, mask: Tensor | None, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """``self.transformer`` on projected features [B, D, H, W] -> (hs [L, B, Q, D], memory [B, D, H, W]),
+        with the spatial prior and its first-layer anchors when enabled."""
+        box_head = self.prior_box_head()
+        anchors = None if box_head is None else self.anchors(src.shape[0], src.device)
+        return self.transformer(src, mask, self.query_embed.weight, pos, box_head, anchors)
+
+    def anchors(self, batch: int, device: torch.device) -> Tensor | None:
+        """The first decoder layer's fixed reference boxes [B, Q, 4] (``anchor_boxes``), or None when the
+        model uses neither a spatial prior nor box refinement (published)."""
+        if self.spatial_prior == "none" and not self.box_refine:
+            return None
+        return anchor_boxes(self.num_queries, device).expand(batch, -1, -1)
+
     def predict_boxes(self, hs: Tensor) -> Tensor:
         """Decoder outputs [L, B, Q, D] -> boxes [L, B, Q, 4] (cx, cy, w, h in [0, 1]).
 
-        Published: every layer's box is ``bbox_embed(h).sigmoid()``. With ``box_refine`` the layers after the
-        first predict a correction in logit space to the previous layer's (detached) box, the iterative
-        refinement of Deformable DETR with the one shared ``bbox_embed`` (no new weights).
+        Published: every layer's box is ``bbox_embed(h).sigmoid()``. With ``box_refine`` every layer predicts a
+        correction in logit space to the previous layer's (detached) box, the first layer to its anchor: the
+        iterative refinement of Deformable DETR with the one shared ``bbox_embed`` (no new weights).
         """
         deltas = self.bbox_embed(hs)
         if not self.box_refine:
             return deltas.sigmoid()
-        boxes = [deltas[0].sigmoid()]
-        for delta in deltas[1:]:
-            boxes.append((delta + torch.logit(boxes[-1].detach(), eps=1e-5)).sigmoid())
+        boxes, previous = [], self.anchors(hs.shape[1], hs.device)
+        for delta in deltas:
+            previous = (delta + torch.logit(previous.detach(), eps=1e-5)).sigmoid()
+            boxes.append(previous)
         return torch.stack(boxes)
 
     def _layer_box(self, h: Tensor, previous: Tensor | None) -> Tensor:

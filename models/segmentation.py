@@ -209,7 +209,7 @@ class DETRsegm(nn.Module):
             raise ValueError("DETRsegm needs the backbone's four stages: build the detector with --masks")
         src, mask = features[-1].decompose()
         src_proj = detr.input_proj(src)
-        hs, memory = detr.transformer(src_proj, mask, detr.query_embed.weight, pos[-1], detr.prior_box_head())
+        hs, memory = detr.run_transformer(src_proj, mask, pos[-1])
         out = self._detection_outputs(hs)
         bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
         fpns = [features[2].tensors, features[1].tensors, features[0].tensors]

@@ -4,18 +4,39 @@ Idea of spatially modulated co-attention (Gao et al., ICCV 2021, "Fast Convergen
 Modulated Co-Attention"): each object query attends mostly around the box it currently predicts, which DETR
 would otherwise have to learn slowly. This variant adds no parameters (checkpoint keys are unchanged): the box
 of decoder layer l - 1, read through the model's own ``bbox_embed``, adds ``-((dx / (w/2))^2 + (dy / (h/2))^2) / 2``
-to layer l's attention logits for the token at offset (dx, dy) from the box centre. The first layer has no
-prior.
+to layer l's attention logits for the token at offset (dx, dy) from the box centre. The first layer's
+boxes are fixed anchors spread over the image (``anchor_boxes``), which also breaks the symmetry between
+queries from the first step.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["SPATIAL_PRIORS", "gaussian_attention_bias", "token_centers"]
+__all__ = ["SPATIAL_PRIORS", "anchor_boxes", "gaussian_attention_bias", "token_centers"]
 
 SPATIAL_PRIORS = ("none", "gaussian")
+
+
+def _halton(index: int, base: int) -> float:
+    result, fraction = 0.0, 1.0
+    while index > 0:
+        fraction /= base
+        result += fraction * (index % base)
+        index //= base
+    return result
+
+
+def anchor_boxes(num_queries: int, device: torch.device | None = None) -> Tensor:
+    """Fixed reference boxes [Q, 4] for the first decoder layer: query i is centred on the (i+1)-th point of
+    the Halton sequence in bases 2 and 3 (evenly spread, the same for any Q), side 1 / sqrt(Q) (so the
+    queries tile the image), at most 0.5."""
+    side = min(0.5, 1.0 / math.sqrt(num_queries))
+    rows = [[_halton(i + 1, 2), _halton(i + 1, 3), side, side] for i in range(num_queries)]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
 def token_centers(mask: Tensor | None, batch: int, height: int, width: int, device: torch.device) -> Tensor:

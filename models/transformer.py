@@ -260,15 +260,17 @@ class TransformerDecoder(nn.Module):
         query_pos: Tensor | None = None,
         box_head: Callable[[Tensor, Tensor | None], Tensor] | None = None,
         centers: Tensor | None = None,
+        initial_boxes: Tensor | None = None,
     ) -> Tensor:
         """Returns [L, B, Q, D] (every layer) with return_intermediate, else [1, B, Q, D] (last layer).
 
         With ``box_head`` ((normalised decoder output, previous layer's boxes or None) -> boxes in [0, 1]) and
-        ``centers`` (``token_centers``), every layer after the first gets the Gaussian spatial prior of the
-        previous layer's boxes (no gradient).
+        ``centers`` (``token_centers``), every layer gets the Gaussian spatial prior of the previous layer's
+        boxes (no gradient); the first layer's come from ``initial_boxes`` [B, Q, 4] (none: no prior there).
         """
         outputs = []
-        bias = boxes = None
+        boxes = initial_boxes
+        bias = None if boxes is None or box_head is None else gaussian_attention_bias(boxes, centers)
         for index, layer in enumerate(self.layers):
             tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, bias)
             normed = self.norm(tgt)
@@ -338,6 +340,7 @@ class Transformer(nn.Module):
         query_embed: Tensor,
         pos_embed: Tensor,
         box_head: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+        initial_boxes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode the feature map and decode the object queries.
 
@@ -348,6 +351,7 @@ class Transformer(nn.Module):
             pos_embed: [B, D, H, W] position encoding.
             box_head: the detector's per-layer box predictor (``DETR.prior_box_head``); given, the decoder's
                 cross-attention gets the Gaussian spatial prior of ``models.spatial_prior`` (published: None).
+            initial_boxes: [B, Q, 4] reference boxes of the first layer's prior (with ``box_head``).
 
         Returns:
             (hs [L, B, Q, D] decoder outputs after the final norm, memory [B, D, H, W] encoder output).
@@ -362,7 +366,7 @@ class Transformer(nn.Module):
         centers = None if box_head is None else token_centers(mask, batch, height, width, src.device)
         hs = self.decoder(
             tgt, memory, memory_key_padding_mask=key_padding_mask, pos=pos, query_pos=query_pos,
-            box_head=box_head, centers=centers,
+            box_head=box_head, centers=centers, initial_boxes=initial_boxes,
         )  # fmt: skip
         return hs, memory.transpose(1, 2).reshape(batch, dim, height, width)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.spatial_prior import gaussian_attention_bias, token_centers
+from models.spatial_prior import anchor_boxes, gaussian_attention_bias, token_centers
 from models.transformer import MultiheadAttention
 from util.misc import nested_tensor_from_tensor_list
 
@@ -58,7 +58,7 @@ def test_attention_bias_matches_torch_float_mask(kernel):
     assert not torch.allclose(out, ours(query, key, key, padding)[0], atol=1e-3)  # the bias changes the result
 
 
-def test_detr_with_prior_keeps_the_keys_and_biases_only_later_layers(tiny_args):
+def test_detr_with_prior_keeps_the_keys_and_changes_the_outputs(tiny_args):
     import models
 
     torch.manual_seed(0)
@@ -69,9 +69,20 @@ def test_detr_with_prior_keeps_the_keys_and_biases_only_later_layers(tiny_args):
     images = nested_tensor_from_tensor_list([torch.rand(3, 64, 96), torch.rand(3, 80, 48)])
     with torch.no_grad():
         out_plain, out_prior = plain(images), prior(images)
-    first_prior, first_plain = out_prior["aux_outputs"][0], out_plain["aux_outputs"][0]
-    torch.testing.assert_close(first_prior["pred_boxes"], first_plain["pred_boxes"])  # layer 1 has no prior
     assert not torch.allclose(out_prior["pred_boxes"], out_plain["pred_boxes"], atol=1e-4)
+    prior.spatial_prior = "none"  # the switch is the only difference
+    with torch.no_grad():
+        torch.testing.assert_close(prior(images)["pred_boxes"], out_plain["pred_boxes"])
+
+
+def test_anchor_boxes_are_spread_and_tile_the_image():
+    anchors = anchor_boxes(10)
+    assert anchors.shape == (10, 4)
+    halton = torch.tensor([[0.5, 1 / 3], [0.25, 2 / 3], [0.75, 1 / 9], [0.125, 4 / 9]])  # bases 2 and 3
+    torch.testing.assert_close(anchors[:4, :2], halton)
+    assert torch.allclose(anchors[:, 2:], torch.full((10, 2), 1 / math.sqrt(10)))
+    assert torch.equal(anchor_boxes(100)[:10, :2], anchors[:, :2]) and anchor_boxes(2)[0, 2] == 0.5
+    assert len({tuple(row) for row in anchor_boxes(300)[:, :2].tolist()}) == 300
 
 
 def test_unknown_prior_is_refused(tiny_args):
@@ -89,13 +100,15 @@ def test_box_refinement_by_hand(tiny_args):
     model = models.build_model(tiny_args("--dec_layers", "3", "--box_refine"))[0]
     plain = models.build_model(tiny_args("--dec_layers", "3"))[0]
     assert model.state_dict().keys() == plain.state_dict().keys()
-    hs = torch.randn(3, 2, 4, model.transformer.d_model, requires_grad=True)
+    queries = model.num_queries
+    hs = torch.randn(3, 2, queries, model.transformer.d_model, requires_grad=True)
     boxes = model.predict_boxes(hs)
     deltas = model.bbox_embed(hs)
-    expected = [deltas[0].sigmoid()]
-    for layer in (1, 2):
-        previous = expected[-1].clamp(1e-5, 1 - 1e-5)
-        expected.append((deltas[layer] + torch.log(previous / (1 - previous))).sigmoid())
+    expected, previous = [], anchor_boxes(queries).expand(2, queries, 4)  # the first layer refines the anchors
+    for layer in (0, 1, 2):
+        previous = previous.clamp(1e-5, 1 - 1e-5)
+        previous = (deltas[layer] + torch.log(previous / (1 - previous))).sigmoid()
+        expected.append(previous)
     torch.testing.assert_close(boxes, torch.stack(expected))
     boxes[2].sum().backward()  # the previous layers' boxes are detached: no gradient reaches their outputs
     assert hs.grad[:2].abs().max() == 0 and hs.grad[2].abs().max() > 0
@@ -115,9 +128,12 @@ def test_prior_of_each_layer_comes_from_the_previous_layers_output_boxes(tiny_ar
     images = nested_tensor_from_tensor_list([torch.rand(3, 64, 96), torch.rand(3, 80, 48)])
     with torch.no_grad():
         out = model(images)
-    assert seen[0] is None and len(seen) == 3
+    assert len(seen) == 3
     features = model.backbone(images)[0][-1]
     centers = token_centers(features.mask, 2, *features.tensors.shape[-2:], torch.device("cpu"))
+    torch.testing.assert_close(
+        seen[0], gaussian_attention_bias(anchor_boxes(model.num_queries).expand(2, -1, -1), centers)
+    )
     for layer in (1, 2):
         previous = out["aux_outputs"][layer - 1]["pred_boxes"]
         torch.testing.assert_close(seen[layer], gaussian_attention_bias(previous, centers))
