@@ -92,3 +92,24 @@ def test_keep_new_schedule_uses_the_command_line_values(tmp_path, caplog):
         assert _lrs(state) == pytest.approx(_lrs(reference)), epoch
         assert [g["weight_decay"] for g in state.optimizer.param_groups] == [0.05, 0.05]
         state.lr_scheduler.step()
+
+
+def test_resuming_with_other_key_neutral_model_flags_warns(tmp_path, caplog):
+    """--dilation / --spatial_prior / --box_refine keep the keys: a mismatch loads, so it must be named."""
+    import models
+
+    trained = parse_tiny_args("--spatial_prior", "gaussian", "--box_refine")
+    model = models.build_model(trained)[0]
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint({"model": model.state_dict(), "args": vars(trained)}, path)
+    args = parse_tiny_args("--eval", "--resume", str(path))
+    with caplog.at_level(logging.WARNING, logger="detr"):
+        load_weights(args, TrainState(models.build_model(args)[0], None, None, None))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "spatial_prior=gaussian (this run none)" in warnings[0]
+    assert "box_refine=True (this run False)" in warnings[0] and "dilation" not in warnings[0]
+    caplog.clear()
+    same = parse_tiny_args("--eval", "--resume", str(path), "--spatial_prior", "gaussian", "--box_refine")
+    with caplog.at_level(logging.WARNING, logger="detr"):
+        load_weights(same, TrainState(models.build_model(same)[0], None, None, None))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -24,6 +24,9 @@ from util.rng_state import capture_rng_state, restore_rng_state
 log = logging.getLogger("detr")
 # Flags whose values a resumed optimizer/scheduler silently replaces.
 SCHEDULE_FLAGS = ("lr", "lr_backbone", "weight_decay", "lr_drop")
+# Flags that change what the model computes without changing its state-dict keys: a checkpoint loads strictly
+# under either value, so a mismatch would silently change the outputs. Values for checkpoints that predate them.
+BEHAVIOUR_FLAGS = {"dilation": False, "spatial_prior": "none", "box_refine": False}
 
 
 @dataclass
@@ -110,6 +113,7 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
     if resume:
         ckpt = load_checkpoint(resume)
         _load_model(state.model, ckpt, resume)
+        _warn_behaviour_mismatch(args, ckpt, resume)
         start_iteration = 0
         if not args.eval and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
             args.start_epoch, start_iteration = state.restore(ckpt, args)
@@ -135,6 +139,23 @@ def _load_model(model: nn.Module, ckpt: dict, source: str) -> None:
             "the checkpoint's flags (backbone, hidden_dim, layers, num_queries, --num_classes / --dataset_file), "
             "or use --finetune to re-initialise mismatched heads"
         ) from None
+
+
+def _warn_behaviour_mismatch(args: argparse.Namespace, ckpt: dict, source: str) -> None:
+    """One warning line when the checkpoint was trained with other BEHAVIOUR_FLAGS values than this run's."""
+    old = ckpt.get("args")
+    if old is None:
+        return
+    old = vars(old) if isinstance(old, argparse.Namespace) else old
+    changed = [
+        (k, old.get(k, default), getattr(args, k, default))
+        for k, default in BEHAVIOUR_FLAGS.items()
+        if old.get(k, default) != getattr(args, k, default)
+    ]
+    if changed:
+        diffs = ", ".join(f"{k}={was} (this run {now})" for k, was, now in changed)
+        log.warning("warning: %s was trained with %s; the weights load but the outputs will differ: pass the "
+                    "checkpoint's values (e.g. its --config)", source, diffs)  # fmt: skip
 
 
 def _reconcile_schedule(args: argparse.Namespace, ckpt: dict, optimizer, lr_scheduler) -> None:
