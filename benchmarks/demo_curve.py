@@ -1,9 +1,9 @@
 """AP-vs-wall-time curve of the demo (``configs/demo.yaml``) as a markdown table.
 
 Usage:
-    python benchmarks/demo_curve.py --run [--output_dir runs/demo_curve] [-- extra main.py flags]
+    python benchmarks/demo_curve.py --run [--output_dir runs/demo_curve] [extra main.py flags]
         runs the demo end to end (data generation included) and prints the table;
-    python benchmarks/demo_curve.py path/to/log.txt
+    python benchmarks/demo_curve.py --log path/to/log.txt
         prints the table of an existing run.
 
 The run's wall time depends on what else the machine does; the table also gives the CPU time used, the
@@ -68,11 +68,10 @@ def run_demo(output_dir: Path, extra: list[str]) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("log", nargs="?", type=Path, help="log.txt of a finished run")
+    parser.add_argument("--log", type=Path, help="log.txt of a finished run")
     parser.add_argument("--run", action="store_true", help="run the demo first")
     parser.add_argument("--output_dir", type=Path, default=Path("runs/demo_curve"))
-    args, extra = parser.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
+    args, extra = parser.parse_known_args(argv)  # unknown flags go to main.py
     if args.run:
         before = machine()
         wall, cpu, load = run_demo(args.output_dir, extra)
