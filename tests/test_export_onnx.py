@@ -87,3 +87,15 @@ def test_padding_edge_on_a_sampled_feature_row(dynamic_export):
     mask = torch.zeros(2, 60, 138, dtype=torch.bool)
     mask[1, 30:, :] = True  # feature rows sample input rows 0 and 30
     assert max(compare_with_onnxruntime(model, out, images, mask).values()) < TOLERANCE
+
+
+def test_export_of_the_demo_decoder_options(tmp_path):
+    """--dilation --spatial_prior gaussian --box_refine (the demo's model) export and match too."""
+    torch.manual_seed(0)
+    args = parse_tiny_args("--dilation", "--spatial_prior", "gaussian", "--box_refine", "--dec_layers", "3")
+    model = build_model(args)[0].eval()
+    path = export_onnx(model, tmp_path / "demo.onnx", height=96, width=128, dynamic=True, with_mask=True)
+    images = torch.randn(2, 3, 80, 112)
+    mask = torch.zeros(2, 80, 112, dtype=torch.bool)
+    mask[1, :, 70:] = True  # the prior's cell centres depend on each image's unpadded size
+    assert max(compare_with_onnxruntime(model, path, images, mask).values()) < TOLERANCE
