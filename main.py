@@ -135,18 +135,11 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
         choices=("sdpa", "math"),
         help="attention kernel: fused scaled_dot_product_attention or the plain reference math",
     )
-    group.add_argument(
-        "--spatial_prior",
-        default="none",
-        choices=("none", "gaussian"),
-        help="decoder cross-attention prior around each query's previous-layer box (no new weights; faster "
-        "convergence); 'none' is the published model",
-    )
-    group.add_argument(
-        "--box_refine",
-        action="store_true",
-        help="each decoder layer refines the previous layer's box (shared box head, no new weights)",
-    )
+    group.add_argument("--spatial_prior", default="none", choices=("none", "gaussian"),
+                       help="decoder attention prior around each query's previous box (no new weights; 'none' = "
+                       "published)")  # fmt: skip
+    group.add_argument("--box_refine", action="store_true",
+                       help="each decoder layer refines the previous layer's box (no new weights)")  # fmt: skip
     group.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision")
     group.add_argument("--compile", action="store_true", help="torch.compile the backbone and transformer")
     group.add_argument("--channels_last", action="store_true", help="channels_last memory format for the backbone")

@@ -11,6 +11,7 @@ queries from the first step.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,13 +31,17 @@ def _halton(index: int, base: int) -> float:
     return result
 
 
+@functools.lru_cache(maxsize=8)
+def _anchor_rows(num_queries: int) -> tuple[tuple[float, float, float, float], ...]:
+    side = min(0.5, 1.0 / math.sqrt(num_queries))
+    return tuple((_halton(i + 1, 2), _halton(i + 1, 3), side, side) for i in range(num_queries))
+
+
 def anchor_boxes(num_queries: int, device: torch.device | None = None) -> Tensor:
     """Fixed reference boxes [Q, 4] for the first decoder layer: query i is centred on the (i+1)-th point of
     the Halton sequence in bases 2 and 3 (evenly spread, the same for any Q), side 1 / sqrt(Q) (so the
     queries tile the image), at most 0.5."""
-    side = min(0.5, 1.0 / math.sqrt(num_queries))
-    rows = [[_halton(i + 1, 2), _halton(i + 1, 3), side, side] for i in range(num_queries)]
-    return torch.tensor(rows, dtype=torch.float32, device=device)
+    return torch.tensor(_anchor_rows(num_queries), dtype=torch.float32, device=device)
 
 
 def token_centers(mask: Tensor | None, batch: int, height: int, width: int, device: torch.device) -> Tensor:
