@@ -273,10 +273,13 @@ class TransformerDecoder(nn.Module):
         bias = None if boxes is None or box_head is None else gaussian_attention_bias(boxes, centers)
         for index, layer in enumerate(self.layers):
             tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, bias)
+            last = index == len(self.layers) - 1
+            if not (self.return_intermediate or last or box_head is not None):
+                continue
             normed = self.norm(tgt)
-            if self.return_intermediate or index == len(self.layers) - 1:
+            if self.return_intermediate or last:
                 outputs.append(normed)
-            if box_head is not None and index < len(self.layers) - 1:
+            if box_head is not None and not last:
                 with torch.no_grad():
                     boxes = box_head(normed, boxes)
                     bias = gaussian_attention_bias(boxes, centers)
