@@ -127,16 +127,19 @@ class DETR(nn.Module):
             return deltas.sigmoid()
         boxes, previous = [], self.anchors(hs.shape[1], hs.device)
         for delta in deltas:
-            previous = (delta + torch.logit(previous.detach(), eps=1e-5)).sigmoid()
+            previous = self._apply_delta(delta, previous)
             boxes.append(previous)
         return torch.stack(boxes)
 
+    def _apply_delta(self, delta: Tensor, previous: Tensor | None) -> Tensor:
+        """Box [..., 4] from the box head's output: refined from the (detached) previous box, or absolute."""
+        if self.box_refine and previous is not None:
+            return (delta + torch.logit(previous.detach(), eps=1e-5)).sigmoid()
+        return delta.sigmoid()
+
     def _layer_box(self, h: Tensor, previous: Tensor | None) -> Tensor:
         """One decoder layer's boxes [B, Q, 4] from its normalised output (and the previous layer's boxes)."""
-        delta = self.bbox_embed(h)
-        if self.box_refine and previous is not None:
-            return (delta + torch.logit(previous, eps=1e-5)).sigmoid()
-        return delta.sigmoid()
+        return self._apply_delta(self.bbox_embed(h), previous)
 
     def prior_box_head(self) -> Callable[[Tensor, Tensor | None], Tensor] | None:
         """What the decoder's spatial prior reads each layer's boxes with, or None without a prior (published)."""

@@ -141,12 +141,17 @@ def _load_model(model: nn.Module, ckpt: dict, source: str) -> None:
         ) from None
 
 
+def _checkpoint_args(ckpt: dict) -> dict[str, Any]:
+    """The checkpoint's training arguments as a dict (stored as a Namespace by the published code), or {}."""
+    old = ckpt.get("args")
+    return vars(old) if isinstance(old, argparse.Namespace) else (old or {})
+
+
 def _warn_behaviour_mismatch(args: argparse.Namespace, ckpt: dict, source: str) -> None:
     """One warning line when the checkpoint was trained with other BEHAVIOUR_FLAGS values than this run's."""
-    old = ckpt.get("args")
-    if old is None:
+    if ckpt.get("args") is None:
         return
-    old = vars(old) if isinstance(old, argparse.Namespace) else old
+    old = _checkpoint_args(ckpt)
     changed = [
         (k, old.get(k, default), getattr(args, k, default))
         for k, default in BEHAVIOUR_FLAGS.items()
@@ -160,8 +165,7 @@ def _warn_behaviour_mismatch(args: argparse.Namespace, ckpt: dict, source: str) 
 
 def _reconcile_schedule(args: argparse.Namespace, ckpt: dict, optimizer, lr_scheduler) -> None:
     """A resumed optimizer/scheduler carries the checkpoint's lr and lr_drop: say so, or keep the new ones."""
-    old = ckpt.get("args")
-    old = vars(old) if isinstance(old, argparse.Namespace) else (old or {})
+    old = _checkpoint_args(ckpt)
     changed = [k for k in SCHEDULE_FLAGS if k in old and old[k] != getattr(args, k)]
     if not changed:
         return
