@@ -121,11 +121,10 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("new in this project")
     group.add_argument("--config", default=None, help="YAML file of flag values (command-line flags override it)")
     # Model
-    group.add_argument(
-        "--backbone_weights",
-        default="imagenet",
-        help="'imagenet' (torchvision download, as published), 'none' (random init), or a local .pth path",
-    )
+    group.add_argument("--backbone_weights", default="imagenet",
+                       help="'imagenet' (torchvision download, published), 'none' (random) or a .pth")  # fmt: skip
+    group.add_argument("--backbone_stages", default=4, type=int, choices=(2, 3, 4),
+                       help="ResNet stages kept: 4 (published, stride 32), 3 (stride 16), 2 (stride 8)")  # fmt: skip
     group.add_argument(
         "--num_classes", default=None, type=int, help="override num_classes (default: max category id + 1)"
     )
@@ -140,6 +139,8 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
                        "published)")  # fmt: skip
     group.add_argument("--box_refine", action="store_true",
                        help="each decoder layer refines the previous layer's box (no new weights)")  # fmt: skip
+    group.add_argument("--query_groups", default=1, type=int, help="Group DETR: train G independent groups of "
+                       "num_queries queries, each matched to all targets; inference uses the first")  # fmt: skip
     group.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision")
     group.add_argument("--compile", action="store_true", help="torch.compile the backbone and transformer")
     group.add_argument("--channels_last", action="store_true", help="channels_last memory format for the backbone")

@@ -26,7 +26,13 @@ from .position_encoding import build_position_encoding
 
 __all__ = ["Backbone", "FrozenBatchNorm2d", "Joiner", "build_backbone", "load_backbone_weights"]
 
-_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+# Output channels of layer1..layer4.
+_STAGE_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "resnet34": (64, 128, 256, 512),
+    "resnet50": (256, 512, 1024, 2048),
+    "resnet101": (256, 512, 1024, 2048),
+}
 # The published models were trained from torchvision's original ImageNet weights (``pretrained=True``).
 _IMAGENET_WEIGHTS = {
     "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
@@ -116,8 +122,11 @@ class Backbone(nn.Module):
         name: 'resnet18', 'resnet34', 'resnet50' or 'resnet101'.
         train_backbone: if False every parameter is frozen; if True layer2-4 train (stem and layer1 never do).
         return_interm_layers: return layer1..layer4 (for the mask head) instead of layer4 only.
-        dilation: dilate layer4 instead of striding it (DC5: output stride 16).
+        dilation: dilate the last kept stage instead of striding it (DC5: output stride 16).
         weights: 'imagenet', 'none' or a path to a torchvision ResNet state dict.
+        stages: ResNet stages kept: 4 (published, C5 at stride 32), 3 (C4, stride 16) or 2 (C3, stride 8).
+            Later stages are dropped with their weights; shallower features are cheaper and, from random
+            weights, localise better.
     """
 
     def __init__(
@@ -127,18 +136,25 @@ class Backbone(nn.Module):
         return_interm_layers: bool,
         dilation: bool,
         weights: str = "imagenet",
+        stages: int = 4,
     ):
         super().__init__()
-        if name not in _CHANNELS:
-            raise ValueError(f"--backbone {name}: unsupported; choose one of {sorted(_CHANNELS)}")
+        if name not in _STAGE_CHANNELS:
+            raise ValueError(f"--backbone {name}: unsupported; choose one of {sorted(_STAGE_CHANNELS)}")
+        if stages not in (2, 3, 4):
+            raise ValueError(f"--backbone_stages {stages}: choose 2, 3 or 4")
+        if return_interm_layers and stages != 4:
+            raise ValueError(f"--masks needs all four ResNet stages; got --backbone_stages {stages}")
         basic_blocks = name in ("resnet18", "resnet34")  # torchvision cannot dilate BasicBlock stages itself
+        dilate = [dilation and not basic_blocks and stage == stages for stage in (2, 3, 4)]
         resnet = getattr(torchvision.models, name)(
             weights=None,
-            replace_stride_with_dilation=[False, False, dilation and not basic_blocks],
+            replace_stride_with_dilation=dilate,
             norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5),
         )
+        last_stage = f"layer{stages}"
         if dilation and basic_blocks:
-            _dilate_basic_stage(resnet.layer4)
+            _dilate_basic_stage(getattr(resnet, last_stage))
         load_backbone_weights(resnet, weights, name)
         for param_name, param in resnet.named_parameters():
             trainable = train_backbone and param_name.split(".")[0] in ("layer2", "layer3", "layer4")
@@ -146,9 +162,9 @@ class Backbone(nn.Module):
         if return_interm_layers:
             return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
         else:
-            return_layers = {"layer4": "0"}
+            return_layers = {last_stage: "0"}  # the getter drops every module after it
         self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
-        self.num_channels = _CHANNELS[name]
+        self.num_channels = _STAGE_CHANNELS[name][stages - 1]
 
     def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
         """[B, 3, H, W] images + [B, H, W] padding mask -> {'0'..: NestedTensor([B, C_i, H_i, W_i], [B, H_i, W_i])}."""
@@ -191,13 +207,15 @@ class Joiner(nn.Sequential):
 
 
 def build_backbone(args: argparse.Namespace) -> Joiner:
-    """Backbone + position encoding from ``args`` (backbone, dilation, masks, lr_backbone, backbone_weights)."""
+    """Backbone + position encoding from ``args`` (backbone, dilation, masks, lr_backbone, backbone_weights,
+    backbone_stages)."""
     backbone = Backbone(
         args.backbone,
         train_backbone=args.lr_backbone > 0,
         return_interm_layers=args.masks,
         dilation=args.dilation,
         weights=getattr(args, "backbone_weights", "imagenet"),
+        stages=getattr(args, "backbone_stages", 4),
     )
     return Joiner(backbone, build_position_encoding(args))
 

@@ -75,6 +75,42 @@ def test_dilated_last_stage_is_the_strided_one_sampled_at_even_positions(name):
     assert not torch.allclose(fine[..., 1::2, 1::2], coarse, rtol=1e-2, atol=1e-2)  # odd cells are new
 
 
+@pytest.mark.parametrize(("stages", "channels", "stride"), [(2, 128, 8), (3, 256, 16)])
+def test_fewer_stages_give_the_full_networks_intermediate_features(resnet18_file, stages, channels, stride):
+    """--backbone_stages N: torchvision's own resnet18 run up to layerN (independent forward) gives the features;
+    later stages and their weights are gone."""
+    path, state = resnet18_file
+    body = Backbone("resnet18", False, False, False, weights=str(path), stages=stages)
+    assert body.num_channels == channels
+    assert not any(k.startswith(("layer4", f"layer{stages + 1}")) for k in body.state_dict())
+    reference = torchvision.models.resnet18(weights=None, norm_layer=FrozenBatchNorm2d)
+    reference.load_state_dict({k: v for k, v in state.items() if "num_batches" not in k})
+    images = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
+        for layer in [reference.layer1, reference.layer2, reference.layer3][:stages]:
+            expected = layer(expected)
+        got = body(nested_tensor_from_tensor_list(list(images)))["0"].tensors
+    assert got.shape == (1, channels, 64 // stride, 96 // stride)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_dilation_applies_to_the_last_kept_stage(name):
+    with torch.device("meta"):
+        body = Backbone(name, False, False, dilation=True, weights="none", stages=3)
+        out = body(nested_tensor_from_tensor_list([torch.rand(3, 64, 64)]))["0"]
+    assert out.tensors.shape[-2:] == (8, 8) and body.body.layer3[1].conv2.dilation == (2, 2)
+    assert body.body.layer2[1].conv2.dilation == (1, 1)
+
+
+def test_fewer_stages_reject_masks_and_bad_counts(tiny_args):
+    with pytest.raises(ValueError, match="--masks needs all four"):
+        build_backbone(tiny_args("--masks", "--backbone_stages", "3"))
+    with pytest.raises(ValueError, match="--backbone_stages 5"):
+        Backbone("resnet18", False, False, False, weights="none", stages=5)
+
+
 @pytest.mark.parametrize("lr_backbone", ["1e-5", "0"])
 def test_frozen_parts(tiny_args, lr_backbone):
     body = build_backbone(tiny_args("--lr_backbone", lr_backbone))[0].body
