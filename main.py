@@ -139,8 +139,6 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
                        "published)")  # fmt: skip
     group.add_argument("--box_refine", action="store_true",
                        help="each decoder layer refines the previous layer's box (no new weights)")  # fmt: skip
-    group.add_argument("--query_groups", default=1, type=int, help="Group DETR: train G independent groups of "
-                       "num_queries queries, each matched to all targets; inference uses the first")  # fmt: skip
     group.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="mixed precision")
     group.add_argument("--compile", action="store_true", help="torch.compile the backbone and transformer")
     group.add_argument("--channels_last", action="store_true", help="channels_last memory format for the backbone")

@@ -174,17 +174,12 @@ class SetCriterion(nn.Module):
 
         Args:
             outputs: the model's output dict ('pred_logits' [B, Q, K+1], 'pred_boxes' [B, Q, 4] normalised
-                cxcywh, optional 'pred_masks' [B, Q, h, w] and 'aux_outputs'); with 'query_groups' G the
-                queries are G group-major groups, each matched and weighted like an image of its own.
+                cxcywh, optional 'pred_masks' [B, Q, h, w] and 'aux_outputs').
             targets: B dicts with 'labels' [T_b], 'boxes' [T_b, 4] normalised cxcywh, ('masks' [T_b, H, W]).
 
         Returns:
             loss name -> scalar tensor (unweighted; see ``weight_dict``).
         """
-        groups = outputs.get("query_groups", 1)
-        if groups > 1:  # Group DETR: every group is matched with all targets, as if it were its own image
-            outputs = _split_query_groups(outputs, groups)
-            targets = [target for target in targets for _ in range(groups)]
         aux_outputs = outputs.get("aux_outputs", [])
         device = outputs["pred_logits"].device
         with torch.autocast(device_type=device.type, enabled=False):
@@ -205,14 +200,3 @@ class SetCriterion(nn.Module):
                     aux_losses = self.get_loss(loss, aux, targets, indices, num_boxes, **kwargs)
                     losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
         return losses
-
-
-def _split_query_groups(outputs: dict, groups: int) -> dict:
-    """[B, G * Q, ...] group-major predictions -> [B * G, Q, ...] (image b's group g at row b * G + g)."""
-    split = {}
-    for key, value in outputs.items():
-        if key == "aux_outputs":
-            split[key] = [_split_query_groups(aux, groups) for aux in value]
-        elif isinstance(value, Tensor):
-            split[key] = value.reshape(value.shape[0] * groups, value.shape[1] // groups, *value.shape[2:])
-    return split

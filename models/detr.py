@@ -51,9 +51,6 @@ class DETR(nn.Module):
         num_classes: K; the class head has K + 1 outputs, the last meaning "no object".
         num_queries: object queries, the most objects one image can yield.
         aux_loss: also return the predictions of every intermediate decoder layer.
-        spatial_prior, box_refine: opt-in decoder behaviours without new weights (README, "Faster convergence").
-        query_groups: G > 1 trains G independent groups of ``num_queries`` queries (Group DETR: each group is
-            matched one-to-one with the targets, groups do not attend to each other); inference uses group 0.
     """
 
     def __init__(
@@ -65,18 +62,14 @@ class DETR(nn.Module):
         aux_loss=False,
         spatial_prior: str = "none",
         box_refine: bool = False,
-        query_groups: int = 1,
     ):
         super().__init__()
         hidden_dim = transformer.d_model
-        if query_groups < 1:
-            raise ValueError(f"--query_groups {query_groups}: must be >= 1")
         self.num_queries = num_queries
-        self.query_groups = query_groups
         self.transformer = transformer
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        self.query_embed = nn.Embedding(num_queries * query_groups, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
@@ -95,7 +88,6 @@ class DETR(nn.Module):
         Returns:
             'pred_logits' [B, Q, K + 1]; 'pred_boxes' [B, Q, 4] (cx, cy, w, h) in [0, 1] relative to each
             unpadded image; with aux_loss, 'aux_outputs': L - 1 dicts of the same two keys, first layer first.
-            Training with query_groups G > 1: G * Q queries, group-major, and 'query_groups': G.
         """
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
@@ -107,29 +99,21 @@ class DETR(nn.Module):
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
-        if self.active_groups() > 1:
-            out["query_groups"] = self.active_groups()
         return out
-
-    def active_groups(self) -> int:
-        """Query groups in use: all of them while training, group 0 alone at inference."""
-        return self.query_groups if self.training else 1
 
     def run_transformer(self, src: Tensor, mask: Tensor | None, pos: Tensor) -> tuple[Tensor, Tensor]:
         """``self.transformer`` on projected features [B, D, H, W] -> (hs [L, B, Q, D], memory [B, D, H, W]),
         with the spatial prior and its first-layer anchors when enabled."""
-        groups = self.active_groups()
-        queries = self.query_embed.weight[: self.num_queries * groups]
         box_head = self.prior_box_head()
-        anchors = None if box_head is None else self.anchors(src.shape[0], src.device, groups)
-        return self.transformer(src, mask, queries, pos, box_head, anchors, groups)
+        anchors = None if box_head is None else self.anchors(src.shape[0], src.device)
+        return self.transformer(src, mask, self.query_embed.weight, pos, box_head, anchors)
 
-    def anchors(self, batch: int, device: torch.device, groups: int = 1) -> Tensor | None:
-        """The first decoder layer's fixed reference boxes [B, groups * Q, 4] (``anchor_boxes``, the same for
-        every group), or None when the model uses neither a spatial prior nor box refinement (published)."""
+    def anchors(self, batch: int, device: torch.device) -> Tensor | None:
+        """The first decoder layer's fixed reference boxes [B, Q, 4] (``anchor_boxes``), or None when the
+        model uses neither a spatial prior nor box refinement (published)."""
         if self.spatial_prior == "none" and not self.box_refine:
             return None
-        return anchor_boxes(self.num_queries, device).repeat(groups, 1).expand(batch, -1, -1)
+        return anchor_boxes(self.num_queries, device).expand(batch, -1, -1)
 
     def predict_boxes(self, hs: Tensor) -> Tensor:
         """Decoder outputs [L, B, Q, D] -> boxes [L, B, Q, 4] (cx, cy, w, h in [0, 1]).
@@ -141,7 +125,7 @@ class DETR(nn.Module):
         deltas = self.bbox_embed(hs)
         if not self.box_refine:
             return deltas.sigmoid()
-        boxes, previous = [], self.anchors(hs.shape[1], hs.device, hs.shape[2] // self.num_queries)
+        boxes, previous = [], self.anchors(hs.shape[1], hs.device)
         for delta in deltas:
             previous = self._apply_delta(delta, previous)
             boxes.append(previous)
@@ -188,9 +172,6 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, SetCriterion, dict[str, 
     num_classes = num_classes_from_args(args)
     if args.frozen_weights is not None and not args.masks:
         raise ValueError("--frozen_weights is for training the mask head only: add --masks")
-    query_groups = getattr(args, "query_groups", 1)
-    if args.masks and query_groups > 1:
-        raise ValueError(f"--query_groups {query_groups} is for detection only; use 1 with --masks")
     model: nn.Module = DETR(
         build_backbone(args),
         build_transformer(args),
@@ -199,7 +180,6 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, SetCriterion, dict[str, 
         aux_loss=args.aux_loss,
         spatial_prior=getattr(args, "spatial_prior", "none"),
         box_refine=getattr(args, "box_refine", False),
-        query_groups=query_groups,
     )
     if args.masks:
         from .segmentation import DETRsegm  # lazy: only the mask variant needs it

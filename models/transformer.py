@@ -27,7 +27,6 @@ __all__ = [
     "TransformerEncoder",
     "TransformerEncoderLayer",
     "build_transformer",
-    "group_attention_bias",
     "set_attention_kernel",
 ]
 
@@ -200,22 +199,20 @@ class TransformerDecoderLayer(nn.Module):
         pos: Tensor | None,
         query_pos: Tensor | None,
         cross_attn_bias: Tensor | None = None,
-        self_attn_bias: Tensor | None = None,
     ) -> Tensor:
-        """tgt, query_pos: [B, Q, D]; memory, pos: [B, HW, D]; mask: [B, HW]; cross_attn_bias: [B, Q, HW];
-        self_attn_bias: [1, Q, Q] (e.g. -inf between query groups) -> [B, Q, D]."""
+        """tgt, query_pos: [B, Q, D]; memory, pos: [B, HW, D]; mask: [B, HW]; bias: [B, Q, HW] -> [B, Q, D]."""
         memory_key = memory if pos is None else memory + pos
         if self.normalize_before:
             x = self.norm1(tgt)
             q = k = x if query_pos is None else x + query_pos
-            tgt = tgt + self.dropout1(self.self_attn(q, k, x, None, self_attn_bias)[0])
+            tgt = tgt + self.dropout1(self.self_attn(q, k, x)[0])
             x = self.norm2(tgt)
             q = x if query_pos is None else x + query_pos
             cross = self.multihead_attn(q, memory_key, memory, memory_key_padding_mask, cross_attn_bias)[0]
             tgt = tgt + self.dropout2(cross)
             return tgt + self.dropout3(self._feed_forward(self.norm3(tgt)))
         q = k = tgt if query_pos is None else tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, None, self_attn_bias)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)[0]))
         q = tgt if query_pos is None else tgt + query_pos
         cross = self.multihead_attn(q, memory_key, memory, memory_key_padding_mask, cross_attn_bias)[0]
         tgt = self.norm2(tgt + self.dropout2(cross))
@@ -264,7 +261,6 @@ class TransformerDecoder(nn.Module):
         box_head: Callable[[Tensor, Tensor | None], Tensor] | None = None,
         centers: Tensor | None = None,
         initial_boxes: Tensor | None = None,
-        self_attn_bias: Tensor | None = None,
     ) -> Tensor:
         """Returns [L, B, Q, D] (every layer) with return_intermediate, else [1, B, Q, D] (last layer).
 
@@ -276,7 +272,7 @@ class TransformerDecoder(nn.Module):
         boxes = initial_boxes
         bias = None if boxes is None or box_head is None else gaussian_attention_bias(boxes, centers)
         for index, layer in enumerate(self.layers):
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, bias, self_attn_bias)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, bias)
             last = index == len(self.layers) - 1
             if not (self.return_intermediate or last or box_head is not None):
                 continue
@@ -348,7 +344,6 @@ class Transformer(nn.Module):
         pos_embed: Tensor,
         box_head: Callable[[Tensor, Tensor | None], Tensor] | None = None,
         initial_boxes: Tensor | None = None,
-        query_groups: int = 1,
     ) -> tuple[Tensor, Tensor]:
         """Encode the feature map and decode the object queries.
 
@@ -360,7 +355,6 @@ class Transformer(nn.Module):
             box_head: the detector's per-layer box predictor (``DETR.prior_box_head``); given, the decoder's
                 cross-attention gets the Gaussian spatial prior of ``models.spatial_prior`` (published: None).
             initial_boxes: [B, Q, 4] reference boxes of the first layer's prior (with ``box_head``).
-            query_groups: G equal slices of the queries that do not attend to each other (Group DETR training).
 
         Returns:
             (hs [L, B, Q, D] decoder outputs after the final norm, memory [B, D, H, W] encoder output).
@@ -376,21 +370,8 @@ class Transformer(nn.Module):
         hs = self.decoder(
             tgt, memory, memory_key_padding_mask=key_padding_mask, pos=pos, query_pos=query_pos,
             box_head=box_head, centers=centers, initial_boxes=initial_boxes,
-            self_attn_bias=group_attention_bias(query_embed.shape[0], query_groups, src.device),
         )  # fmt: skip
         return hs, memory.transpose(1, 2).reshape(batch, dim, height, width)
-
-
-def group_attention_bias(num_queries: int, groups: int, device: torch.device) -> Tensor | None:
-    """Self-attention bias [1, Q, Q] that keeps each of ``groups`` consecutive query slices to itself (0 within
-    a group, -inf across), or None for a single group."""
-    if groups == 1:
-        return None
-    if num_queries % groups:
-        raise ValueError(f"{num_queries} queries cannot form {groups} equal groups")
-    group = torch.arange(num_queries, device=device) // (num_queries // groups)
-    same = group[:, None] == group[None, :]
-    return torch.zeros(same.shape, device=device).masked_fill(~same, float("-inf"))[None]
 
 
 def set_attention_kernel(module: nn.Module, kernel: str) -> None:

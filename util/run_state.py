@@ -136,7 +136,7 @@ def _load_model(model: nn.Module, ckpt: dict, source: str) -> None:
         details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
         raise CheckpointError(
             f"checkpoint {source} does not fit this model ({details[0] if details else e}); build the model with "
-            "the checkpoint's flags (backbone, backbone_stages, hidden_dim, layers, num_queries, query_groups, "
+            "the checkpoint's flags (backbone, backbone_stages, hidden_dim, layers, num_queries, "
             "--num_classes / --dataset_file), or use --finetune to re-initialise mismatched heads"
         ) from None
 
