@@ -89,10 +89,12 @@ def test_padding_edge_on_a_sampled_feature_row(dynamic_export):
     assert max(compare_with_onnxruntime(model, out, images, mask).values()) < TOLERANCE
 
 
-def test_export_of_the_demo_decoder_options(tmp_path):
-    """--dilation --spatial_prior gaussian --box_refine (the demo's model) export and match too."""
+@pytest.mark.parametrize("backbone", [("--dilation",), ("--backbone_stages", "2")], ids=["dc5", "stages2"])
+def test_export_of_the_demo_decoder_options(tmp_path, backbone):
+    """--spatial_prior gaussian --box_refine with a dilated or a 2-stage backbone (the demo's model) export and
+    match too."""
     torch.manual_seed(0)
-    args = parse_tiny_args("--dilation", "--spatial_prior", "gaussian", "--box_refine", "--dec_layers", "3")
+    args = parse_tiny_args(*backbone, "--spatial_prior", "gaussian", "--box_refine", "--dec_layers", "3")
     model = build_model(args)[0].eval()
     path = export_onnx(model, tmp_path / "demo.onnx", height=96, width=128, dynamic=True, with_mask=True)
     images = torch.randn(2, 3, 80, 112)
