@@ -32,6 +32,7 @@ from util.run_state import TrainState, checkpoint_paths, load_weights
 
 # models, datasets and engine are imported inside main(): get_args_parser() stays cheap and importable alone.
 log = logging.getLogger("detr")
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -128,12 +129,8 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--num_classes", default=None, type=int, help="override num_classes (default: max category id + 1)"
     )
-    group.add_argument(
-        "--attention",
-        default="sdpa",
-        choices=("sdpa", "math"),
-        help="attention kernel: fused scaled_dot_product_attention or the plain reference math",
-    )
+    group.add_argument("--attention", default="sdpa", choices=("sdpa", "math"),
+                       help="attention kernel: fused scaled_dot_product_attention or plain reference math")  # fmt: skip
     group.add_argument("--spatial_prior", default="none", choices=("none", "gaussian"),
                        help="decoder attention prior around each query's previous box (no new weights; 'none' = "
                        "published)")  # fmt: skip
@@ -483,12 +480,16 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """Command-line entry: user errors become one clear line instead of a traceback."""
+    """Command-line entry: no arguments run the demo; user errors become one clear line instead of a traceback."""
     from datasets.errors import DatasetError
+    from models.backbone import WeightsUnavailableError
 
+    if not (sys.argv[1:] if argv is None else argv):  # the published CLI always has arguments
+        print(f"no arguments: running the demo ({DEMO_CONFIG}); see --help for COCO training", flush=True)
+        argv = ["--config", str(DEMO_CONFIG)]
     try:
         main(parse_args(argv))
-    except (UsageError, CheckpointError, DatasetError, dist_utils.DeviceError) as e:
+    except (UsageError, CheckpointError, DatasetError, dist_utils.DeviceError, WeightsUnavailableError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -24,7 +24,14 @@ from util.misc import NestedTensor
 
 from .position_encoding import build_position_encoding
 
-__all__ = ["Backbone", "FrozenBatchNorm2d", "Joiner", "build_backbone", "load_backbone_weights"]
+__all__ = [
+    "Backbone",
+    "FrozenBatchNorm2d",
+    "Joiner",
+    "WeightsUnavailableError",
+    "build_backbone",
+    "load_backbone_weights",
+]
 
 # Output channels of layer1..layer4.
 _STAGE_CHANNELS = {
@@ -44,6 +51,10 @@ _IMAGENET_WEIGHTS = {
 DOWNLOAD_TIMEOUT_S = 15.0
 
 
+class WeightsUnavailableError(RuntimeError):
+    """The ImageNet backbone weights can be neither found in the torch hub cache nor downloaded."""
+
+
 def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
     """Torchvision ImageNet weights of ``name``: from the torch hub cache, else downloaded (fails fast)."""
     url = _IMAGENET_WEIGHTS[name].url
@@ -56,7 +67,7 @@ def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
     except Exception as err:  # any network/hash/disk failure gets the same actionable message
         reason = " ".join(str(err).split()) or type(err).__name__
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"--backbone_weights imagenet: cannot get the {name} ImageNet weights ({url}: {reason}); "
             f"pass --backbone_weights none (random init) or --backbone_weights PATH (a local {name} .pth), "
             f"or put the file in {os.path.dirname(cached)}"

@@ -177,6 +177,36 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     assert message.startswith("error: config") and "did you mean 'epochs'?" in message and "\n" not in message
 
 
+def test_cli_without_arguments_runs_the_demo(monkeypatch, capsys):
+    """`python main.py` alone trains the demo on the generated data: nothing to download."""
+    seen = []
+    monkeypatch.setattr(main_module, "main", seen.append)
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    main_module.cli()
+    (args,) = seen
+    assert Path(args.config) == main_module.DEMO_CONFIG and args.dataset_file == "synthetic"
+    assert args.backbone_weights == "none" and args.backbone_stages == 2
+    assert "running the demo" in capsys.readouterr().out
+    main_module.cli(["--epochs", "3"])  # any argument: the published defaults, no demo config
+    assert seen[1].config is None and seen[1].backbone == "resnet50"
+
+
+def test_cli_reports_unavailable_imagenet_weights_in_one_line(monkeypatch, tmp_path):
+    import torch
+
+    def offline(url, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--backbone_weights") + 1] = "imagenet"
+    with pytest.raises(SystemExit) as info:
+        main_module.cli([*flags, "--synthetic_dir", str(tmp_path / "data"), "--device", "cpu"])
+    message = str(info.value.code)
+    assert message.startswith("error: --backbone_weights imagenet") and "\n" not in message
+
+
 @pytest.mark.parametrize(
     "flags, warned",
     [(["--dilation"], True), (["--dilation", "--eval_batch_size", "1"], False), (["--batch_size", "4"], False),
