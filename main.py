@@ -126,9 +126,7 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
                        help="'imagenet' (torchvision download, published), 'none' (random) or a .pth")  # fmt: skip
     group.add_argument("--backbone_stages", default=4, type=int, choices=(2, 3, 4),
                        help="ResNet stages kept: 4 (published, stride 32), 3 (stride 16), 2 (stride 8)")  # fmt: skip
-    group.add_argument(
-        "--num_classes", default=None, type=int, help="override num_classes (default: max category id + 1)"
-    )
+    group.add_argument("--num_classes", default=None, type=int, help="override (default: max category id + 1)")
     group.add_argument("--attention", default="sdpa", choices=("sdpa", "math"),
                        help="attention kernel: fused scaled_dot_product_attention or plain reference math")  # fmt: skip
     group.add_argument("--spatial_prior", default="none", choices=("none", "gaussian"),
@@ -352,7 +350,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     _seed_everything(args.seed + dist_utils.get_rank())
 
     args.num_classes = datasets.num_classes_for(args)
-    model, criterion, postprocessors = models.build_model(args)
+    try:
+        model, criterion, postprocessors = models.build_model(args)
+    except ValueError as e:  # flags that do not fit together, e.g. --masks with --backbone_stages 2
+        raise UsageError(str(e)) from None
     model.to(device)
     criterion.to(device)
     model_without_ddp = model

@@ -163,6 +163,11 @@ def test_frozen_weights_needs_masks(tmp_path):
         main_module.main(_args(tmp_path, tmp_path / "run", "--frozen_weights", "x.pth"))
 
 
+def test_flags_that_do_not_fit_together_are_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="--masks needs all four ResNet stages"):
+        main_module.main(_args(tmp_path, tmp_path / "run", "--masks", "--backbone_stages", "2"))
+
+
 def test_too_small_training_set_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="fewer than --batch_size 8"):
         main_module.main(_args(tmp_path / "data", tmp_path / "run", "--batch_size", "8"))
