@@ -12,6 +12,7 @@ import functools
 import os
 import socket
 from collections import OrderedDict
+from collections.abc import Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -138,6 +139,8 @@ class Backbone(nn.Module):
         stages: ResNet stages kept: 4 (published, C5 at stride 32), 3 (C4, stride 16) or 2 (C3, stride 8).
             Later stages are dropped with their weights; shallower features are cheaper and, from random
             weights, localise better.
+        return_interm_indices: the stages to return, 0 = layer1 (Deformable DETR / DINO feature levels, e.g.
+            (1, 2, 3) for strides 8/16/32); overrides ``return_interm_layers``.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class Backbone(nn.Module):
         dilation: bool,
         weights: str = "imagenet",
         stages: int = 4,
+        return_interm_indices: Sequence[int] | None = None,
     ):
         super().__init__()
         if name not in _STAGE_CHANNELS:
@@ -170,11 +174,16 @@ class Backbone(nn.Module):
         for param_name, param in resnet.named_parameters():
             trainable = train_backbone and param_name.split(".")[0] in ("layer2", "layer3", "layer4")
             param.requires_grad_(trainable)
-        if return_interm_layers:
-            return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
-        else:
-            return_layers = {last_stage: "0"}  # the getter drops every module after it
-        self.body = IntermediateLayerGetter(resnet, return_layers=return_layers)
+        if return_interm_indices is None:
+            return_interm_indices = range(4) if return_interm_layers else [stages - 1]
+        indices = sorted(return_interm_indices)
+        if not indices or indices[0] < 0 or indices[-1] >= stages:
+            raise ValueError(f"--return_interm_indices {list(return_interm_indices)}: stages 0..{stages - 1} exist")
+        # The getter drops every module after the last returned stage.
+        self.body = IntermediateLayerGetter(
+            resnet, return_layers={f"layer{i + 1}": str(k) for k, i in enumerate(indices)}
+        )
+        self.stage_channels = [_STAGE_CHANNELS[name][i] for i in indices]  # per returned feature map
         self.num_channels = _STAGE_CHANNELS[name][stages - 1]
 
     def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:

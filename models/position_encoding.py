@@ -25,6 +25,9 @@ class PositionEmbeddingSine(nn.Module):
         temperature: T.
         normalize: scale positions to ``(0, scale]`` per image.
         scale: defaults to 2*pi; only meaningful with ``normalize``.
+        offset: subtracted from the cumulative positions before normalising (Deformable DETR: -0.5, so each
+            cell is encoded at its centre).
+        temperature_w: T along x when it differs from y's (DINO's PositionEmbeddingSineHW); default T.
     """
 
     def __init__(
@@ -33,6 +36,8 @@ class PositionEmbeddingSine(nn.Module):
         temperature: float = 10000,
         normalize: bool = False,
         scale: float | None = None,
+        offset: float = 0.0,
+        temperature_w: float | None = None,
     ):
         super().__init__()
         if scale is not None and not normalize:
@@ -41,6 +46,8 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self.offset = offset
+        self.temperature_w = temperature if temperature_w is None else temperature_w
 
     def forward(self, tensor_list: NestedTensor) -> Tensor:
         """NestedTensor([B, C, H, W], mask [B, H, W], True on padding) -> [B, 2F, H, W] float32."""
@@ -53,12 +60,12 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2)
         if self.normalize:
             eps = 1e-6
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         index = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
-        dim_t = self.temperature ** (2 * torch.div(index, 2, rounding_mode="floor") / self.num_pos_feats)
-        pos_y = self._sin_cos(y_embed[..., None] / dim_t)
-        pos_x = self._sin_cos(x_embed[..., None] / dim_t)
+        exponent = 2 * torch.div(index, 2, rounding_mode="floor") / self.num_pos_feats
+        pos_y = self._sin_cos(y_embed[..., None] / self.temperature**exponent)
+        pos_x = self._sin_cos(x_embed[..., None] / self.temperature_w**exponent)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
     @staticmethod
@@ -102,8 +109,17 @@ class PositionEmbeddingLearned(nn.Module):
 def build_position_encoding(args: argparse.Namespace) -> nn.Module:
     """Position encoding with hidden_dim / 2 features per axis ('sine' normalised, or 'learned')."""
     num_pos_feats = args.hidden_dim // 2
+    family = getattr(args, "model", "detr")
     # 'v2' / 'v3' are the published aliases of sine / learned.
     if args.position_embedding in ("sine", "v2"):
+        if family == "deformable_detr":  # published: cell centres (offset -0.5), --position_embedding_scale
+            return PositionEmbeddingSine(
+                num_pos_feats, normalize=True, scale=args.position_embedding_scale, offset=-0.5
+            )
+        if family == "dino":  # published PositionEmbeddingSineHW: per-axis temperatures, no offset
+            return PositionEmbeddingSine(
+                num_pos_feats, args.pe_temperatureH, True, args.position_embedding_scale, 0.0, args.pe_temperatureW
+            )
         return PositionEmbeddingSine(num_pos_feats, normalize=True)
     if args.position_embedding in ("learned", "v3"):
         return PositionEmbeddingLearned(num_pos_feats)

@@ -129,6 +129,8 @@ def apply_config(
             if key not in explicit:
                 setattr(args, key, value)
         explicit |= set(config)
+        if "model" in config and hasattr(parser, "apply_family_defaults"):
+            parser.apply_family_defaults(args, explicit)  # the YAML chose the family: its defaults below YAML
     setattr(args, EXPLICIT_ATTR, frozenset(explicit))
     return args
 
