@@ -35,7 +35,7 @@ class TrainState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.StepLR
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     # This process's statistics of the batches a mid-epoch checkpoint had trained (set by `restore`).
     resumed_metrics: dict[str, dict[str, float]] | None = None
@@ -174,7 +174,9 @@ def _reconcile_schedule(args: argparse.Namespace, ckpt: dict, optimizer, lr_sche
         log.warning("warning: resume keeps the checkpoint's %s; pass --keep_new_schedule to use the new values", diffs)
         return
     lr_scheduler.step_size = args.lr_drop
-    lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
+    lr_scheduler.base_lrs = [args.lr, args.lr_backbone, args.lr * args.lr_linear_proj_mult][
+        : len(optimizer.param_groups)
+    ]
     decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
     for group, base_lr in zip(optimizer.param_groups, lr_scheduler.base_lrs):
         group["initial_lr"], group["lr"], group["weight_decay"] = base_lr, base_lr * decay, args.weight_decay
