@@ -1,9 +1,11 @@
 """Hungarian matching of predictions to targets (DETR paper, section 3.1).
 
-Cost of assigning query i to target j: ``cost_bbox * L1(box_i, box_j) - cost_class * p_i(class_j)
+Cost of assigning query i to target j: ``cost_bbox * L1(box_i, box_j) + cost_class * class_ij
 - cost_giou * GIoU(box_i, box_j)``, minimised per image by ``scipy.optimize.linear_sum_assignment``.
-The costs of every decoder layer and image of a step are built on the device at once (one padded
-[L, B, Q, T_max] block) and copied to the host in a single transfer; only the solver runs per image.
+The class term is ``-softmax(logits)[class_j]`` for DETR and the focal cost of ``sigmoid(logits)[class_j]`` for
+Deformable DETR and DINO (``class_cost="focal"``). The costs of every decoder layer and image of a step are built
+on the device at once (one padded [L, B, Q, T_max] block per query count) and copied to the host in a single
+transfer; only the solver runs per image.
 """
 
 from __future__ import annotations
@@ -17,9 +19,27 @@ from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["HungarianMatcher", "build_matcher"]
+__all__ = ["DINO_GIOU_EPS", "HungarianMatcher", "build_matcher", "focal_class_cost"]
 
 Indices = list[tuple[Tensor, Tensor]]
+
+# Deformable DETR and DINO fix the focal matching cost's parameters (independent of --focal_alpha).
+_FOCAL_ALPHA = 0.25
+_FOCAL_GAMMA = 2.0
+# DINO's box_ops add 1e-6 to the IoU and GIoU denominators (DESIGN_DINO "Matcher").
+DINO_GIOU_EPS = 1e-6
+
+
+def focal_class_cost(logits: Tensor) -> Tensor:
+    """Focal matching cost of every class: [..., K] logits -> [..., K] (gather it at the target classes).
+
+    ``alpha (1 - p)^g (-log(p + 1e-8)) - (1 - alpha) p^g (-log(1 - p + 1e-8))`` with p = sigmoid(logits),
+    alpha 0.25 and g 2: the focal loss of labelling the query positive minus that of labelling it negative.
+    """
+    prob = logits.sigmoid()
+    pos = _FOCAL_ALPHA * (1 - prob) ** _FOCAL_GAMMA * -(prob + 1e-8).log()
+    neg = (1 - _FOCAL_ALPHA) * prob**_FOCAL_GAMMA * -(1 - prob + 1e-8).log()
+    return pos - neg
 
 
 def _empty_match() -> tuple[Tensor, Tensor]:
@@ -35,25 +55,47 @@ class HungarianMatcher(nn.Module):
     """One-to-one assignment between the queries and the targets of each image (no gradient).
 
     Args:
-        cost_class: weight of the (negated) class probability.
+        cost_class: weight of the class cost.
         cost_bbox: weight of the L1 distance between normalised cxcywh boxes.
         cost_giou: weight of the (negated) generalised IoU.
+        class_cost: "softmax" (DETR: -softmax probability; the logits end with a "no object" entry) or
+            "focal" (Deformable DETR, DINO: ``focal_class_cost`` of sigmoid probabilities, no "no object" entry).
+        giou_eps: None for DETR's GIoU; 1e-6 (``DINO_GIOU_EPS``) for DINO's (see ``util.box_ops``).
     """
 
-    def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1):
+    def __init__(
+        self,
+        cost_class: float = 1,
+        cost_bbox: float = 1,
+        cost_giou: float = 1,
+        class_cost: str = "softmax",
+        giou_eps: float | None = None,
+    ):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: set_cost_class, set_cost_bbox and set_cost_giou cannot all be 0")
+        if class_cost not in ("softmax", "focal"):
+            raise ValueError(f"HungarianMatcher: class_cost must be 'softmax' or 'focal', got {class_cost!r}")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
+        self.class_cost = class_cost
+        self.giou_eps = giou_eps
+
+    def _num_classes(self, num_logits: int) -> int:
+        return num_logits - 1 if self.class_cost == "softmax" else num_logits
+
+    def _class_cost(self, logits: Tensor) -> Tensor:
+        """[..., K(+1)] float32 logits -> [..., K(+1)] cost of assigning each class."""
+        return -logits.softmax(-1) if self.class_cost == "softmax" else focal_class_cost(logits)
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Tensor]]) -> Indices:
         """Match one set of predictions.
 
         Args:
-            outputs: 'pred_logits' [B, Q, K + 1], 'pred_boxes' [B, Q, 4] normalised cxcywh.
+            outputs: 'pred_logits' [B, Q, K + 1] (softmax) or [B, Q, K] (focal), 'pred_boxes' [B, Q, 4]
+                normalised cxcywh.
             targets: B dicts with 'labels' int64 [T_b] and 'boxes' [T_b, 4] normalised cxcywh.
 
         Returns:
@@ -63,23 +105,28 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def match_layers(self, layer_outputs: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]):
-        """Match several decoder layers (e.g. the final output and every auxiliary output) in one pass.
+        """Match several outputs (e.g. the final output, every auxiliary output, DINO's encoder output) in one pass.
 
         Args:
-            layer_outputs: L dicts shaped like ``forward``'s ``outputs`` (same B and Q).
+            layer_outputs: L dicts shaped like ``forward``'s ``outputs`` (same B and number of logits; the query
+                count Q may differ between them).
             targets: as in ``forward``.
 
         Returns:
             list over layers of the per-image index pairs (``forward``'s result for each layer).
         """
-        logits = torch.stack([out["pred_logits"] for out in layer_outputs])
-        boxes = torch.stack([out["pred_boxes"] for out in layer_outputs])
-        num_layers, batch, num_queries = logits.shape[:3]
-        sizes = self._check_sizes(targets, batch, num_queries)
+        if not layer_outputs:
+            return []
+        batch = layer_outputs[0]["pred_logits"].shape[0]
+        sizes = self._check_sizes(targets, batch, min(out["pred_logits"].shape[1] for out in layer_outputs))
         t_max = max(sizes, default=0)
         if t_max == 0:
-            return [[_empty_match() for _ in range(batch)] for _ in range(num_layers)]
-        device = logits.device
+            return [[_empty_match() for _ in range(batch)] for _ in layer_outputs]
+        # Outputs with the same query count share one stacked cost block.
+        groups: dict[int, list[int]] = {}
+        for i, out in enumerate(layer_outputs):
+            groups.setdefault(out["pred_logits"].shape[1], []).append(i)
+        device = layer_outputs[0]["pred_logits"].device
         with torch.autocast(device_type=device.type, enabled=False):
             # Targets packed into padded [B, T_max] blocks with one scatter (positions computed on the host).
             flat = torch.cat([torch.arange(n) + b * t_max for b, n in enumerate(sizes)]).to(device, non_blocking=True)
@@ -90,28 +137,36 @@ class HungarianMatcher(nn.Module):
             tgt_boxes[flat] = torch.cat([t["boxes"] for t in targets]).to(device, torch.float32)
             valid = torch.zeros(batch * t_max, dtype=torch.bool, device=device)
             valid[flat] = True
-            num_logits = logits.shape[-1]
-            flags = self._invalid_flags(logits, boxes, tgt_ids, tgt_boxes, valid, num_logits - 1)
-            tgt_ids = tgt_ids.clamp(0, num_logits - 1).view(batch, t_max)
-            cost = self._cost(logits.float(), boxes.float(), tgt_ids, tgt_boxes.view(batch, t_max, 4))
-            host = torch.cat([flags.float(), cost.flatten()]).cpu()  # the single device-to-host copy
-        self._raise_if_invalid(host[: flags.numel()], logits.shape[-1] - 1)
-        cost_np = host[flags.numel() :].view(num_layers, batch, num_queries, t_max).numpy()
-        return [
-            [_solve(cost_np[layer, b, :, :n]) if n else _empty_match() for b, n in enumerate(sizes)]
-            for layer in range(num_layers)
-        ]
+            num_classes = self._num_classes(layer_outputs[0]["pred_logits"].shape[-1])
+            flags, costs, shapes = [], [], []
+            for members in groups.values():
+                logits = torch.stack([layer_outputs[i]["pred_logits"] for i in members])
+                boxes = torch.stack([layer_outputs[i]["pred_boxes"] for i in members])
+                flags.append(self._invalid_flags(logits, boxes, tgt_ids, tgt_boxes, valid, num_classes))
+                ids = tgt_ids.clamp(0, logits.shape[-1] - 1).view(batch, t_max)
+                costs.append(self._cost(logits.float(), boxes.float(), ids, tgt_boxes.view(batch, t_max, 4)).flatten())
+                shapes.append(logits.shape[:3])
+            flag = torch.stack(flags).any(0)
+            host = torch.cat([flag.float(), *costs]).cpu()  # the single device-to-host copy
+        self._raise_if_invalid(host[: flag.numel()], num_classes)
+        indices: list[Indices] = [[] for _ in layer_outputs]
+        offset = flag.numel()
+        for members, shape in zip(groups.values(), shapes):
+            cost_np = host[offset : offset + shape.numel() * t_max].view(*shape, t_max).numpy()
+            offset += shape.numel() * t_max
+            for layer, i in enumerate(members):
+                indices[i] = [_solve(cost_np[layer, b, :, :n]) if n else _empty_match() for b, n in enumerate(sizes)]
+        return indices
 
     def _cost(self, logits: Tensor, boxes: Tensor, tgt_ids: Tensor, tgt_boxes: Tensor) -> Tensor:
-        """[L, B, Q, K+1], [L, B, Q, 4], [B, T], [B, T, 4] -> cost [L, B, Q, T] (float32)."""
+        """[L, B, Q, K(+1)], [L, B, Q, 4], [B, T], [B, T, 4] -> cost [L, B, Q, T] (float32)."""
         num_layers, batch, num_queries = logits.shape[:3]
-        prob = logits.softmax(-1)
         index = tgt_ids[None, :, None, :].expand(num_layers, batch, num_queries, -1)
-        cost_class = -prob.gather(-1, index)
+        cost_class = self._class_cost(logits).gather(-1, index)
         # L1 by broadcasting: torch.cdist is much slower on GPU for these small blocks.
         cost_bbox = (boxes[:, :, :, None, :] - tgt_boxes[None, :, None, :, :]).abs().sum(-1)
         tgt_xyxy = box_cxcywh_to_xyxy(tgt_boxes)[None].expand(num_layers, -1, -1, -1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), tgt_xyxy)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), tgt_xyxy, eps=self.giou_eps)
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
 
     @staticmethod
@@ -175,17 +230,28 @@ class HungarianMatcher(nn.Module):
                 raise ValueError(
                     f"matcher: image {b} has {n} target boxes but the model has only {num_queries} queries"
                 )
-            prob = outputs["pred_logits"][b].float().softmax(-1)
             boxes = outputs["pred_boxes"][b].float()
             tgt_boxes = target["boxes"].float()
-            cost_class = -prob[:, target["labels"]]
+            cost_class = self._class_cost(outputs["pred_logits"][b].float())[:, target["labels"]]
             cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
-            cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+            tgt_xyxy = box_cxcywh_to_xyxy(tgt_boxes)
+            cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), tgt_xyxy, eps=self.giou_eps)
             cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
             indices.append(_solve(cost.cpu().numpy()))
         return indices
 
 
 def build_matcher(args: argparse.Namespace) -> HungarianMatcher:
-    """HungarianMatcher with the --set_cost_class / --set_cost_bbox / --set_cost_giou weights."""
-    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou)
+    """HungarianMatcher with the --set_cost_class / --set_cost_bbox / --set_cost_giou weights.
+
+    ``args.model`` (default "detr") picks the class cost: softmax for DETR, focal for "deformable_detr" and
+    "dino"; DINO also gets its GIoU epsilon.
+    """
+    family = getattr(args, "model", "detr")
+    return HungarianMatcher(
+        cost_class=args.set_cost_class,
+        cost_bbox=args.set_cost_bbox,
+        cost_giou=args.set_cost_giou,
+        class_cost="focal" if family in ("deformable_detr", "dino") else "softmax",
+        giou_eps=DINO_GIOU_EPS if family == "dino" else None,
+    )

@@ -49,28 +49,40 @@ def _area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU of xyxy boxes: [..., N, 4], [..., M, 4] -> (iou [..., N, M], union [..., N, M])."""
+def box_iou(boxes1: Tensor, boxes2: Tensor, eps: float | None = None) -> tuple[Tensor, Tensor]:
+    """Pairwise IoU of xyxy boxes: [..., N, 4], [..., M, 4] -> (iou [..., N, M], union [..., N, M]).
+
+    ``eps`` None divides by the union floored at 1e-7 (DETR); a number divides by union + eps (DINO: 1e-6).
+    """
     inter, union = _inter_union(boxes1, boxes2)
-    return inter / union.clamp(min=_EPS), union
+    # DINO adds its eps even to non-degenerate unions, which changes every value slightly.
+    return inter / (union.clamp(min=_EPS) if eps is None else union + eps), union
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float | None = None) -> Tensor:
     """Pairwise generalized IoU (Rezatofighi et al. 2019) of xyxy boxes: [..., N, 4], [..., M, 4] -> [..., N, M].
 
-    Zero-width or zero-height boxes give finite values (denominators are floored at 1e-7).
+    Zero-width or zero-height boxes give finite values: with ``eps`` None the denominators are floored at 1e-7
+    (DETR); with a number, eps is added to them (DINO's IoU = inter / (union + 1e-6) and
+    GIoU = IoU - (enclosing - union) / (enclosing + 1e-6)).
     """
-    iou, union = box_iou(boxes1, boxes2)
+    iou, union = box_iou(boxes1, boxes2, eps)
     top_left = torch.min(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
     bottom_right = torch.max(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = (bottom_right - top_left).clamp(min=0)
-    enclosing = (wh[..., 0] * wh[..., 1]).clamp(min=_EPS)
-    return iou - (enclosing - union) / enclosing
+    enclosing = wh[..., 0] * wh[..., 1]
+    if eps is None:
+        enclosing = enclosing.clamp(min=_EPS)
+        return iou - (enclosing - union) / enclosing
+    return iou - (enclosing - union) / (enclosing + eps)
 
 
-def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """GIoU of matched pairs of xyxy boxes: [N, 4], [N, 4] -> [N] (no N x N matrix is built)."""
-    return 1.0 - ops.generalized_box_iou_loss(boxes1, boxes2, reduction="none", eps=_EPS)
+def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = _EPS) -> Tensor:
+    """GIoU of matched pairs of xyxy boxes: [N, 4], [N, 4] -> [N] (no N x N matrix is built).
+
+    Denominators get ``+ eps`` (1e-7 for DETR and Deformable DETR, 1e-6 for DINO).
+    """
+    return 1.0 - ops.generalized_box_iou_loss(boxes1, boxes2, reduction="none", eps=eps)
 
 
 def masks_to_boxes(masks: Tensor) -> Tensor:
