@@ -1,4 +1,4 @@
-"""DETR models: ``build_model(args) -> (model, criterion, postprocessors)``."""
+"""DETR-family models: ``build_model(args) -> (model, criterion, postprocessors)`` for ``args.model``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,22 @@ import argparse
 from torch import nn
 
 from .criterion import SetCriterion
-from .detr import build
 
-__all__ = ["build_model"]
+__all__ = ["FAMILIES", "build_model"]
+
+FAMILIES = ("detr", "deformable_detr", "dino")
 
 
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
-    """Build the detector, its SetCriterion and postprocessors from parsed ``main.get_args_parser()`` args."""
+    """Build the detector of ``args.model`` (default 'detr'), its criterion and postprocessors from parsed
+    ``main.get_args_parser()`` args."""
+    family = getattr(args, "model", "detr")
+    if family == "detr":
+        from .detr import build
+    elif family == "deformable_detr":
+        from .deformable_detr import build
+    elif family == "dino":
+        from .dino import build
+    else:
+        raise ValueError(f"--model {family}: expected one of {FAMILIES}")
     return build(args)
