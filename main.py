@@ -25,7 +25,7 @@ from util.acceleration import apply_channels_last, compile_model
 from util.amp import make_grad_scaler
 from util.arguments import get_args_parser
 from util.checkpoint import CheckpointError, save_checkpoint
-from util.config import UsageError, apply_config, dump_config, is_explicit, parse_args_with_config
+from util.config import UsageError, apply_config, dump_config, explicit_dests, is_explicit, parse_args_with_config
 from util.logging import MetricTracker, RunLogger, setup_console
 from util.misc import collate_fn
 from util.preemption import PreemptionHandler, requeue_slurm_job
@@ -183,8 +183,23 @@ def _summary(stats: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line with ``--config`` applied (defaults < YAML < explicit flags)."""
-    return parse_args_with_config(get_args_parser(), argv)
+    """Parse the command line with ``--config`` applied (defaults < YAML < explicit flags).
+
+    A data path given on the command line beats a YAML ``dataset_file: synthetic`` (the demo config's): the
+    run trains on the data the user named, never silently on the generated set.
+    """
+    from datasets.coco import DATA_PATH_FLAGS
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = get_args_parser()
+    args = parse_args_with_config(parser, argv)
+    command_line = explicit_dests(parser, argv)
+    paths = [f"--{flag}" for flag in DATA_PATH_FLAGS if flag in command_line]
+    if args.dataset_file == "synthetic" and paths and "dataset_file" not in command_line:
+        log.warning("warning: %s on the command line overrides dataset_file: synthetic of %s; using --dataset_file "
+                    "coco", " ".join(paths), args.config)  # fmt: skip
+        args.dataset_file = "coco"
+    return args
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

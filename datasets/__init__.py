@@ -60,7 +60,14 @@ def num_classes_for(args: argparse.Namespace) -> int:
     _check_dataset_file(args)
     if args.dataset_file == "coco_panoptic":
         return _DEFAULT_NUM_CLASSES["coco_panoptic"]
-    _, ann_file = coco.coco_paths("train", args)
+    split = "train"
+    if (
+        getattr(args, "eval", False)
+        and args.coco_path is None
+        and not any(getattr(args, f"train_{kind}", None) for kind in ("img_folder", "ann_file"))
+    ):
+        split = "val"  # --eval on explicit val files: no training split to read
+    _, ann_file = coco.coco_paths(split, args)
     return max_category_id(load_coco_json(ann_file), ann_file) + 1
 
 

@@ -23,12 +23,15 @@ from datasets.coco_io import (
     coco_api_from_json,
     invalid_box_annotations,
     load_coco_json,
+    negative_size_box_annotations,
     read_image_rgb,
 )
 from datasets.errors import DatasetError
 from datasets.skipping import SkippingDataset
 
 logger = logging.getLogger(__name__)
+# Flags naming the user's data: any of them means the generated dataset is never substituted.
+DATA_PATH_FLAGS = ("coco_path", "train_img_folder", "train_ann_file", "val_img_folder", "val_ann_file")
 
 
 def convert_coco_poly_to_mask(segmentations: list[Any], height: int, width: int) -> Tensor:
@@ -140,15 +143,23 @@ class CocoDetection(SkippingDataset):
         self.ids = sorted(set(self.coco.imgs) - set(self.excluded_ids))
 
     def _check_boxes(self, data: dict[str, Any]) -> list[int]:
-        bad = invalid_box_annotations(data)
+        negative = negative_size_box_annotations(data)
+        if negative:  # the published code drops them (like zero-size boxes) and trains on: one warning per file
+            first = negative[0]
+            logger.warning(
+                "warning: %s: dropping %d annotation(s) with negative width/height (first: id %s, bbox %s)",
+                self.ann_file,
+                len(negative),
+                first["id"],
+                first["bbox"],
+            )
+        bad = invalid_box_annotations(data, negative=False)
         if not bad:
             return []
         first = bad[0]
         problem = f"annotation id {first['id']} (image id {first['image_id']}) has bbox {first['bbox']}"
         if not self.skip_bad_images:
-            raise DatasetError(
-                f"{self.ann_file}: {problem} with NaN/inf or negative width/height; fix it or pass --skip_bad_images"
-            )
+            raise DatasetError(f"{self.ann_file}: {problem} with NaN/inf; fix it or pass --skip_bad_images")
         excluded = sorted({a["image_id"] for a in bad})
         logger.warning(
             "%s: skipping %d image(s) with invalid boxes (%d annotations; first: %s)",
@@ -223,14 +234,21 @@ def make_coco_transforms(image_set: str, input_scale: float = 1.0) -> T.Compose:
 def coco_paths(image_set: str, args: argparse.Namespace) -> tuple[Path, Path]:
     """(image folder, annotation file) of a split: the explicit flags, else the COCO layout under the root.
 
-    The root is --coco_path, or the generated synthetic dataset for --dataset_file synthetic or when
-    neither --coco_path nor the explicit path flags are given.
+    The root is --coco_path, or the generated synthetic dataset for --dataset_file synthetic or when none of
+    --coco_path and the explicit path flags is given. Once the user names data, the generated dataset never
+    stands in for a missing split (an error says what to pass).
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
     img_folder = getattr(args, f"{image_set}_img_folder", None)
     ann_file = getattr(args, f"{image_set}_ann_file", None)
-    if args.dataset_file == "synthetic" or (args.coco_path is None and img_folder is None and ann_file is None):
+    given = [f"--{flag}" for flag in DATA_PATH_FLAGS if getattr(args, flag, None) is not None]
+    if args.dataset_file == "synthetic" and given:
+        raise DatasetError(
+            f"--dataset_file synthetic trains on the generated data, but {', '.join(given)} names other data; "
+            "pass --dataset_file coco to use it, or drop the path"
+        )
+    if args.dataset_file == "synthetic" or not given:
         from datasets.synthetic import ensure_synthetic_dataset
 
         root = ensure_synthetic_dataset(
@@ -243,10 +261,20 @@ def coco_paths(image_set: str, args: argparse.Namespace) -> tuple[Path, Path]:
         root = Path(args.coco_path)
         if not root.exists():
             raise DatasetError(f"provided COCO path {root} does not exist")
+        if not root.is_dir():
+            raise DatasetError(
+                f"--coco_path {root} is a file; pass the folder holding train2017/, val2017/ and annotations/ "
+                "(or name single files with --train_ann_file / --val_ann_file and the *_img_folder flags)"
+            )
         img_folder = img_folder or root / f"{image_set}2017"
         ann_file = ann_file or root / "annotations" / f"instances_{image_set}2017.json"
     if img_folder is None or ann_file is None:
         missing = f"--{image_set}_img_folder" if img_folder is None else f"--{image_set}_ann_file"
+        if image_set == "val" and img_folder is None and ann_file is None:
+            raise DatasetError(
+                f"{', '.join(given)} without validation data: pass --val_img_folder and --val_ann_file (the train "
+                "ones to evaluate on the training split); the generated data is never used in their place"
+            )
         raise DatasetError(f"{missing} is needed when --coco_path is not given")
     return Path(img_folder), Path(ann_file)
 

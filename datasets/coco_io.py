@@ -182,13 +182,25 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def invalid_box_annotations(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Annotations whose bbox has a NaN/infinite value or a negative width or height."""
+def invalid_box_annotations(data: dict[str, Any], negative: bool = True) -> list[dict[str, Any]]:
+    """Annotations whose bbox has a NaN/infinite value (and, with ``negative``, a negative width or height)."""
     annotations = data["annotations"]
     if not annotations:
         return []
     boxes = np.asarray([a["bbox"] for a in annotations], dtype=np.float64)
-    bad = ~np.isfinite(boxes).all(1) | (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
+    bad = ~np.isfinite(boxes).all(1)
+    if negative:
+        bad |= (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
+    return [annotations[i] for i in np.flatnonzero(bad)]
+
+
+def negative_size_box_annotations(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Annotations whose (finite) bbox has a negative width or height: dropped from the targets as published."""
+    annotations = data["annotations"]
+    if not annotations:
+        return []
+    boxes = np.asarray([a["bbox"] for a in annotations], dtype=np.float64)
+    bad = np.isfinite(boxes).all(1) & ((boxes[:, 2] < 0) | (boxes[:, 3] < 0))
     return [annotations[i] for i in np.flatnonzero(bad)]
 
 

@@ -100,16 +100,29 @@ def test_annotation_json_lacking_required_keys(tmp_path, edit, message):
     assert str(ann_file) in str(err.value)
 
 
-@pytest.mark.parametrize("bbox", [[1, 1, -3, 5], [1, 1, 5, -0.5], [float("nan"), 1, 5, 5], [1, 1, float("inf"), 2]])
-def test_boxes_with_negative_size_or_nan(tmp_path, bbox, caplog):
+@pytest.mark.parametrize("bbox", [[float("nan"), 1, 5, 5], [1, 1, float("inf"), 2]])
+def test_boxes_with_nan_or_inf(tmp_path, bbox, caplog):
     images, annotations = _three_images(tmp_path)
     annotations.append(ann(9, bbox, image_id=2))
-    with pytest.raises(DatasetError, match=r"annotation id 9 \(image id 2\) has bbox .* NaN/inf or negative"):
+    with pytest.raises(DatasetError, match=r"annotation id 9 \(image id 2\) has bbox .* NaN/inf"):
         _dataset(tmp_path, images, annotations)
     with caplog.at_level(logging.WARNING):
         dataset = _dataset(tmp_path, images, annotations, skip_bad_images=True)
     assert dataset.ids == [1, 3] and dataset.excluded_ids == [2]
     assert "skipping 1 image(s) with invalid boxes" in caplog.text
+
+
+def test_boxes_with_negative_size_are_dropped_with_one_warning_per_file(tmp_path, caplog):
+    """Published behaviour: such boxes leave the targets (as zero-size ones do) and training goes on."""
+    images, annotations = _three_images(tmp_path)
+    annotations += [ann(9, [1, 1, -3, 5], image_id=2), ann(10, [1, 1, 5, -0.5], image_id=2)]
+    with caplog.at_level(logging.WARNING):
+        dataset = _dataset(tmp_path, images, annotations)
+    warnings = [r.getMessage() for r in caplog.records if "negative width/height" in r.getMessage()]
+    assert len(warnings) == 1 and "2 annotation(s)" in warnings[0] and "first: id 9" in warnings[0]
+    assert dataset.ids == [1, 2, 3]
+    _, target = dataset[1]  # image 2: its valid box kept, the two negative ones dropped
+    assert target["boxes"].tolist() == [[1.0, 1.0, 6.0, 6.0]]
 
 
 def test_json_image_size_disagreeing_with_file(tmp_path):
