@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,15 +21,20 @@ class NestedTensor:
         self.tensors = tensors
         self.mask = mask
 
+    # `device` stays unannotated: TorchScript cannot resolve a `torch.device` annotation in a TorchScript class.
     def to(self, device, non_blocking: bool = False) -> NestedTensor:
         """Return a copy on ``device`` (tensors and mask move together)."""
-        mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
+        mask = self.mask
+        if mask is not None:
+            mask = mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
-    def decompose(self) -> tuple[Tensor, Tensor | None]:
+    # Optional, not `Tensor | None`: TorchScript cannot read a union inside a TorchScript class's tuple annotation.
+    def decompose(self) -> tuple[Tensor, Optional[Tensor]]:  # noqa: UP045
         """Return ``(tensors, mask)``."""
         return self.tensors, self.mask
 
+    @torch.jit.unused
     def __repr__(self) -> str:
         mask_shape = None if self.mask is None else tuple(self.mask.shape)
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={mask_shape})"
@@ -38,29 +44,30 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor], size_divisibility: int = 1) -> NestedTensor:
-    """Pad [C, H_i, W_i] images to one [B, C, H, W] batch.
+def nested_tensor_from_tensor_list(tensor_list: list[Tensor], size_divisibility: int = 1) -> NestedTensor:
+    """Pad [C, H_i, W_i] images (a list, tuple or [B, C, H, W] tensor of them) to one [B, C, H, W] batch.
 
     Padding goes to the bottom and right with zeros; the mask is True on padding. ``H`` and ``W`` are
     the largest height and width in the list, rounded up to a multiple of ``size_divisibility``
     (1 keeps the published behaviour; 32 or 64 gives fewer distinct shapes for compiled models).
+    Scriptable with ``torch.jit.script`` (hence list comprehensions rather than generators).
     """
     if len(tensor_list) == 0:
         raise ValueError("nested_tensor_from_tensor_list needs at least one image")
-    if any(t.ndim != 3 for t in tensor_list):
-        shapes = [tuple(t.shape) for t in tensor_list]
-        raise ValueError(f"expected [C, H, W] images, got shapes {shapes}")
+    for image in tensor_list:
+        if image.dim() != 3:
+            raise ValueError(f"expected [C, H, W] images, got shapes {[list(t.shape) for t in tensor_list]}")
     if size_divisibility < 1:
         raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
-    channels = tensor_list[0].shape[0]
-    height = _round_up(max(t.shape[1] for t in tensor_list), size_divisibility)
-    width = _round_up(max(t.shape[2] for t in tensor_list), size_divisibility)
     first = tensor_list[0]
+    channels = first.shape[0]
+    height = _round_up(max([t.shape[1] for t in tensor_list]), size_divisibility)
+    width = _round_up(max([t.shape[2] for t in tensor_list]), size_divisibility)
     batch = first.new_zeros((len(tensor_list), channels, height, width))
     mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
-    for image, padded, pad_mask in zip(tensor_list, batch, mask):
-        padded[:, : image.shape[1], : image.shape[2]].copy_(image)
-        pad_mask[: image.shape[1], : image.shape[2]] = False
+    for index, image in enumerate(tensor_list):
+        batch[index, :, : image.shape[1], : image.shape[2]].copy_(image)
+        mask[index, : image.shape[1], : image.shape[2]] = False
     return NestedTensor(batch, mask)
 
 
