@@ -166,6 +166,8 @@ class CocoEvaluator:
         for iou_type, coco_eval in self.coco_eval.items():
             if verbose:
                 print(f"IoU metric: {iou_type}")
+                if hasattr(coco_eval, "print_function"):  # faster-coco-eval logs its table at INFO by default
+                    coco_eval.print_function = print
                 coco_eval.summarize()
             else:
                 with contextlib.redirect_stdout(io.StringIO()):

@@ -119,3 +119,16 @@ def test_faster_backend_without_any_prediction_matches_pycocotools():
         evaluator.summarize(verbose=False)
         evaluators.append(evaluator)
     assert evaluators[1].stats("bbox") == pytest.approx(evaluators[0].stats("bbox"), abs=1e-12, rel=0)
+
+
+def test_faster_backend_prints_the_coco_table(capsys):
+    """Issue 15: with --eval_backend faster only "IoU metric: bbox" was printed, not the 12 numbers."""
+    coco_gt, predictions = _generated_case(0, num_images=4)
+    for backend in ("pycocotools", "faster"):
+        evaluator = CocoEvaluator(coco_gt, ["bbox"], backend=backend)
+        evaluator.update(predictions)
+        evaluator.accumulate()
+        evaluator.summarize(verbose=True)
+        out = capsys.readouterr().out
+        assert "IoU metric: bbox" in out and out.count("Average Precision") == 6, backend
+        assert "Average Recall" in out and f"{evaluator.stats('bbox')[0]:0.3f}" in out, backend
