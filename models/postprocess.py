@@ -1,13 +1,30 @@
-"""Conversion of the model output to COCO-style detections in original image coordinates."""
+"""Conversion of the model output to COCO-style detections in original image coordinates.
+
+``PostProcess`` is DETR's (softmax, one detection per query); ``PostProcessTopK`` is Deformable DETR's and DINO's
+(sigmoid, the top-k (query, class) pairs of the image), published as ``PostProcess`` in those families' files.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import nms
 
 from util.box_ops import box_cxcywh_to_xyxy
 
-__all__ = ["PostProcess"]
+__all__ = ["PostProcess", "PostProcessTopK"]
+
+
+def _check_target_sizes(name: str, batch: int, target_sizes: Tensor) -> None:
+    if batch != len(target_sizes) or target_sizes.ndim != 2 or target_sizes.shape[1] != 2:
+        raise ValueError(f"{name}: target_sizes must be [B, 2] (h, w) with B={batch}, got {tuple(target_sizes.shape)}")
+
+
+def _scale_boxes(boxes: Tensor, target_sizes: Tensor) -> Tensor:
+    """[B, N, 4] normalised cxcywh -> [B, N, 4] absolute xyxy, target_sizes [B, 2] (h, w)."""
+    height, width = target_sizes.to(boxes.device, torch.float32).unbind(1)
+    scale = torch.stack([width, height, width, height], dim=1)
+    return box_cxcywh_to_xyxy(boxes.float()) * scale[:, None, :]
 
 
 class PostProcess(nn.Module):
@@ -26,12 +43,48 @@ class PostProcess(nn.Module):
             B dicts with 'scores' [Q], 'labels' int64 [Q] and 'boxes' [Q, 4] absolute x0, y0, x1, y1.
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if len(logits) != len(target_sizes) or target_sizes.ndim != 2 or target_sizes.shape[1] != 2:
-            raise ValueError(
-                f"PostProcess: target_sizes must be [B, 2] (h, w) with B={len(logits)}, got {tuple(target_sizes.shape)}"
-            )
+        _check_target_sizes("PostProcess", len(logits), target_sizes)
         scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)
-        height, width = target_sizes.to(boxes.device, torch.float32).unbind(1)
-        scale = torch.stack([width, height, width, height], dim=1)
-        boxes = box_cxcywh_to_xyxy(boxes.float()) * scale[:, None, :]
+        boxes = _scale_boxes(boxes, target_sizes)
         return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+
+
+class PostProcessTopK(nn.Module):
+    """The ``num_select`` best (query, class) pairs of each image by sigmoid score, boxes in pixels.
+
+    Args:
+        num_select: detections kept per image (Deformable DETR 100, DINO 300; at most Q * K).
+        nms_iou_threshold: class-agnostic NMS on the kept detections when > 0 (DINO's option; off by default).
+    """
+
+    def __init__(self, num_select: int = 100, nms_iou_threshold: float = -1):
+        super().__init__()
+        self.num_select = num_select
+        self.nms_iou_threshold = nms_iou_threshold
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Turn raw outputs into per-image detections.
+
+        Args:
+            outputs: 'pred_logits' [B, Q, K] (sigmoid classes, no "no object"), 'pred_boxes' [B, Q, 4] cxcywh
+                normalised to the unpadded image.
+            target_sizes: [B, 2] (height, width) of each original image.
+
+        Returns:
+            B dicts with 'scores' [N], 'labels' int64 [N] and 'boxes' [N, 4] absolute x0, y0, x1, y1, in
+            descending score order (N = num_select, or fewer after NMS).
+        """
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        _check_target_sizes("PostProcessTopK", len(logits), target_sizes)
+        batch, num_queries, num_classes = logits.shape
+        prob = logits.float().sigmoid().view(batch, -1)
+        scores, index = prob.topk(min(self.num_select, num_queries * num_classes), dim=1)
+        query = index // num_classes
+        labels = index % num_classes
+        boxes = _scale_boxes(boxes, target_sizes).gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
+        results = [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+        if self.nms_iou_threshold > 0:
+            kept = [nms(r["boxes"], r["scores"], self.nms_iou_threshold) for r in results]
+            results = [{k: v[keep] for k, v in r.items()} for r, keep in zip(results, kept)]
+        return results
