@@ -23,7 +23,7 @@ log = logging.getLogger("detr")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the caller stops without saving this epoch."""
+    """Training produced a NaN or infinite loss (or predictions); the caller stops without saving this epoch."""
 
 
 def _to_float32(outputs: Any) -> Any:
@@ -42,6 +42,38 @@ def _targets_to(targets: Iterable[dict], device: torch.device) -> list[dict]:
         {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
         for t in targets
     ]
+
+
+# Prediction keys the matcher reads (a NaN there fails the matching before any loss is computed).
+_MATCHED_KEYS = ("pred_logits", "pred_boxes")
+
+
+def _matched_predictions(outputs: Any, where: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every matched prediction: final, auxiliary, encoder/denoising outputs."""
+    found: list[tuple[str, torch.Tensor]] = []
+    if isinstance(outputs, Mapping):
+        for key, value in outputs.items():
+            name = f"{where}.{key}" if where else str(key)
+            if key in _MATCHED_KEYS and isinstance(value, torch.Tensor) and value.is_floating_point():
+                found.append((name, value))
+            elif isinstance(value, (Mapping, list, tuple)):
+                found += _matched_predictions(value, name)
+    elif isinstance(outputs, (list, tuple)):
+        for index, value in enumerate(outputs):
+            found += _matched_predictions(value, f"{where}[{index}]")
+    return found
+
+
+def _nonfinite_predictions(outputs: Any, device: torch.device) -> list[str] | None:
+    """None when every matched prediction is finite on every process; else the names of this process's
+    non-finite ones (empty when only another process diverged). One host sync, one collective."""
+    matched = _matched_predictions(outputs)
+    if not matched:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in matched]).all()
+    if dist_utils.all_reduce_sum((~finite).float().to(device)).item() == 0:
+        return None
+    return [name for name, t in matched if not bool(torch.isfinite(t).all())]
 
 
 def _loss_terms(loss_dict: Mapping[str, torch.Tensor], weight_dict: Mapping[str, float]) -> dict[str, torch.Tensor]:
@@ -90,7 +122,8 @@ def train_one_epoch(
         'lr', 'grad_norm' (the published log names); 'amp_overflow_steps' (a count) after fp16 overflows.
 
     Raises:
-        NonFiniteLossError: the loss became NaN/inf (naming the offending terms).
+        NonFiniteLossError: the loss or the matched predictions became NaN/inf (naming the offending terms);
+            ``skip_nonfinite`` skips such batches instead, on every process together.
     """
     model.train()
     criterion.train()
@@ -116,17 +149,26 @@ def train_one_epoch(
         targets = _targets_to(targets, device)
         with autocast_context(device.type, amp):
             outputs = model(samples)
-        loss_dict = criterion(_to_float32(outputs), targets)
-        weight_dict = criterion.weight_dict
-        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+        outputs = _to_float32(outputs)
+        # Diverged predictions would fail inside the matcher: check them first, on every process together.
+        nonfinite = _nonfinite_predictions(outputs, device)
+        message = None
+        if nonfinite is not None:
+            what = ", ".join(nonfinite[:3]) or "on another process"
+            message = f"non-finite predictions at epoch {epoch}, iteration {i} ({what}): the model diverged"
+        else:
+            loss_dict = criterion(outputs, targets)
+            weight_dict = criterion.weight_dict
+            losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
-        # Reduced values are identical on every process, so all of them stop (or skip) together.
-        reduced = dist_utils.reduce_dict(loss_dict)
-        terms = _loss_terms(reduced, weight_dict)
-        loss_value = sum(v for k, v in terms.items() if k in weight_dict).item()
-        if not math.isfinite(loss_value):
-            bad = ", ".join(f"{k}={v.item()}" for k, v in reduced.items() if not math.isfinite(v.item()))
-            message = f"non-finite loss {loss_value} at epoch {epoch}, iteration {i} ({bad or 'weighted sum'})"
+            # Reduced values are identical on every process, so all of them stop (or skip) together.
+            reduced = dist_utils.reduce_dict(loss_dict)
+            terms = _loss_terms(reduced, weight_dict)
+            loss_value = sum(v for k, v in terms.items() if k in weight_dict).item()
+            if not math.isfinite(loss_value):
+                bad = ", ".join(f"{k}={v.item()}" for k, v in reduced.items() if not math.isfinite(v.item()))
+                message = f"non-finite loss {loss_value} at epoch {epoch}, iteration {i} ({bad or 'weighted sum'})"
+        if message is not None:
             optimizer.zero_grad(set_to_none=True)
             if skipped < skip_nonfinite:
                 skipped += 1

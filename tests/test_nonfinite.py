@@ -96,3 +96,36 @@ def test_fp16_overflow_steps_are_counted_not_fatal(tiny):
     assert scaler.get_scale() == 2.0**125  # backed off once per overflow
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key  # both steps were skipped
+
+
+class _DivergeAt(torch.nn.Module):
+    """Model wrapper whose predicted boxes are NaN on the given calls (a diverged model: --lr 1e12)."""
+
+    def __init__(self, model, bad_calls):
+        super().__init__()
+        self.model, self.bad_calls, self.calls = model, set(bad_calls), 0
+
+    def forward(self, samples):
+        outputs = self.model(samples)
+        if self.calls in self.bad_calls:
+            outputs["pred_boxes"] = outputs["pred_boxes"] * float("nan")
+        self.calls += 1
+        return outputs
+
+
+def test_nonfinite_predictions_are_skipped_like_a_nonfinite_loss(tiny, caplog):
+    """Issue 15: NaN predictions ended in the matcher's ValueError; --skip_nonfinite must cover them."""
+    model, criterion = tiny
+    batches = _batches(3)
+    with caplog.at_level(logging.WARNING, logger="detr"):
+        stats = train_one_epoch(_DivergeAt(model, {1}), criterion, batches, _optimizer(model), CPU, 0,
+                                progress=False, skip_nonfinite=1)  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "skipping this batch" in r.getMessage()]
+    assert len(warnings) == 1 and "non-finite predictions" in warnings[0] and "iteration 1" in warnings[0]
+    assert "pred_boxes" in warnings[0] and torch.isfinite(torch.tensor(stats["loss"]))
+
+
+def test_nonfinite_predictions_stop_training_with_the_nonfinite_error(tiny):
+    model, criterion = tiny
+    with pytest.raises(NonFiniteLossError, match=r"non-finite predictions at epoch 0, iteration 0 \(pred_boxes"):
+        train_one_epoch(_DivergeAt(model, {0}), criterion, _batches(2), _optimizer(model), CPU, 0, progress=False)
