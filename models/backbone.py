@@ -11,7 +11,6 @@ import argparse
 import functools
 import os
 import socket
-from collections import OrderedDict
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
@@ -27,6 +26,7 @@ from .position_encoding import build_position_encoding
 
 __all__ = [
     "Backbone",
+    "BackboneBase",
     "FrozenBatchNorm2d",
     "Joiner",
     "WeightsUnavailableError",
@@ -127,7 +127,62 @@ class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
         return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 
-class Backbone(nn.Module):
+def _stage_out_channels(stage: nn.Sequential) -> int:
+    """Output channels of a torchvision ResNet stage (its last block's last convolution)."""
+    last_block = stage[-1]
+    last_conv = last_block.conv3 if hasattr(last_block, "conv3") else last_block.conv2
+    return last_conv.out_channels
+
+
+class BackboneBase(nn.Module):
+    """Feature maps of some of a ResNet's stages, each with its padding mask (the published base class).
+
+    Args:
+        backbone: a torchvision ResNet (modules ``layer1``..``layer4``; later stages than the last returned one
+            are dropped).
+        train_backbone: if False every parameter is frozen; if True layer2-4 train (stem and layer1 never do).
+        num_channels: channels of the last feature map (the one DETR's input projection reads).
+        return_interm_layers: return layer1..layer4 (for the mask head) instead of layer4 only.
+        return_interm_indices: the stages to return, 0 = layer1; overrides ``return_interm_layers``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        train_backbone: bool,
+        num_channels: int,
+        return_interm_layers: bool,
+        return_interm_indices: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        for param_name, param in backbone.named_parameters():
+            trainable = train_backbone and param_name.split(".")[0] in ("layer2", "layer3", "layer4")
+            param.requires_grad_(trainable)
+        if return_interm_indices is None:
+            return_interm_indices = range(4) if return_interm_layers else [3]
+        indices = sorted(return_interm_indices)
+        # The getter drops every module after the last returned stage.
+        self.body = IntermediateLayerGetter(
+            backbone, return_layers={f"layer{i + 1}": str(k) for k, i in enumerate(indices)}
+        )
+        # Channels per returned feature map.
+        self.stage_channels = [_stage_out_channels(getattr(backbone, f"layer{i + 1}")) for i in indices]
+        self.num_channels = num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
+        """[B, 3, H, W] images + [B, H, W] padding mask -> {'0'..: NestedTensor([B, C_i, H_i, W_i], [B, H_i, W_i])}."""
+        images = tensor_list.tensors
+        mask = tensor_list.mask
+        if mask is None:
+            mask = torch.zeros((images.shape[0], images.shape[-2], images.shape[-1]), dtype=torch.bool,
+                               device=images.device)  # fmt: skip
+        out: dict[str, NestedTensor] = {}
+        for key, feature in self.body(images).items():
+            out[key] = NestedTensor(feature, _downsample_mask_nearest(mask, feature.shape[-2:]))
+        return out
+
+
+class Backbone(BackboneBase):
     """Torchvision ResNet feature extractor with FrozenBatchNorm2d.
 
     Args:
@@ -153,13 +208,17 @@ class Backbone(nn.Module):
         stages: int = 4,
         return_interm_indices: Sequence[int] | None = None,
     ):
-        super().__init__()
         if name not in _STAGE_CHANNELS:
             raise ValueError(f"--backbone {name}: unsupported; choose one of {sorted(_STAGE_CHANNELS)}")
         if stages not in (2, 3, 4):
             raise ValueError(f"--backbone_stages {stages}: choose 2, 3 or 4")
         if return_interm_layers and stages != 4:
             raise ValueError(f"--masks needs all four ResNet stages; got --backbone_stages {stages}")
+        if return_interm_indices is None:
+            return_interm_indices = range(4) if return_interm_layers else [stages - 1]
+        indices = sorted(return_interm_indices)
+        if not indices or indices[0] < 0 or indices[-1] >= stages:
+            raise ValueError(f"--return_interm_indices {list(return_interm_indices)}: stages 0..{stages - 1} exist")
         basic_blocks = name in ("resnet18", "resnet34")  # torchvision cannot dilate BasicBlock stages itself
         dilate = [dilation and not basic_blocks and stage == stages for stage in (2, 3, 4)]
         resnet = getattr(torchvision.models, name)(
@@ -167,35 +226,10 @@ class Backbone(nn.Module):
             replace_stride_with_dilation=dilate,
             norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5),
         )
-        last_stage = f"layer{stages}"
         if dilation and basic_blocks:
-            _dilate_basic_stage(getattr(resnet, last_stage))
+            _dilate_basic_stage(getattr(resnet, f"layer{stages}"))
         load_backbone_weights(resnet, weights, name)
-        for param_name, param in resnet.named_parameters():
-            trainable = train_backbone and param_name.split(".")[0] in ("layer2", "layer3", "layer4")
-            param.requires_grad_(trainable)
-        if return_interm_indices is None:
-            return_interm_indices = range(4) if return_interm_layers else [stages - 1]
-        indices = sorted(return_interm_indices)
-        if not indices or indices[0] < 0 or indices[-1] >= stages:
-            raise ValueError(f"--return_interm_indices {list(return_interm_indices)}: stages 0..{stages - 1} exist")
-        # The getter drops every module after the last returned stage.
-        self.body = IntermediateLayerGetter(
-            resnet, return_layers={f"layer{i + 1}": str(k) for k, i in enumerate(indices)}
-        )
-        self.stage_channels = [_STAGE_CHANNELS[name][i] for i in indices]  # per returned feature map
-        self.num_channels = _STAGE_CHANNELS[name][stages - 1]
-
-    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
-        """[B, 3, H, W] images + [B, H, W] padding mask -> {'0'..: NestedTensor([B, C_i, H_i, W_i], [B, H_i, W_i])}."""
-        images, mask = tensor_list.tensors, tensor_list.mask
-        if mask is None:
-            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        out: dict[str, NestedTensor] = OrderedDict()
-        for key, feature in self.body(images).items():
-            feature_mask = _downsample_mask_nearest(mask, feature.shape[-2:])
-            out[key] = NestedTensor(feature, feature_mask)
-        return out
+        super().__init__(resnet, train_backbone, _STAGE_CHANNELS[name][stages - 1], return_interm_layers, indices)
 
 
 def _dilate_basic_stage(stage: nn.Sequential) -> None:
@@ -215,7 +249,7 @@ def _dilate_basic_stage(stage: nn.Sequential) -> None:
 class Joiner(nn.Sequential):
     """``Joiner(backbone, position_embedding)``: features and their position encodings, lowest stride first."""
 
-    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+    def __init__(self, backbone: BackboneBase, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
         self.num_channels = backbone.num_channels
 
@@ -240,13 +274,13 @@ def build_backbone(args: argparse.Namespace) -> Joiner:
     return Joiner(backbone, build_position_encoding(args))
 
 
-def _downsample_mask_nearest(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a [B, H, W] bool mask, equal to ``F.interpolate(mode="nearest")``.
+def _downsample_mask_nearest(mask: Tensor, size: list[int]) -> Tensor:
+    """Nearest-neighbour resize of a [B, H, W] bool mask to ``size`` (h, w), equal to ``F.interpolate(mode="nearest")``.
 
     Indexing with explicit source rows/columns instead of interpolating keeps ONNX exports exact: ONNX's
     nearest resize can round a source coordinate like 29.9999 differently and flip a whole mask row.
     """
-    height, width = mask.shape[-2:]
+    height, width = mask.shape[-2], mask.shape[-1]
     rows = (torch.arange(size[0], device=mask.device) * (height / size[0])).floor().long().clamp(max=height - 1)
     cols = (torch.arange(size[1], device=mask.device) * (width / size[1])).floor().long().clamp(max=width - 1)
     return mask[:, rows][:, :, cols]

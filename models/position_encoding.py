@@ -54,7 +54,7 @@ class PositionEmbeddingSine(nn.Module):
         x = tensor_list.tensors
         mask = tensor_list.mask
         if mask is None:
-            mask = torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device)
+            mask = torch.zeros((x.shape[0], x.shape[-2], x.shape[-1]), dtype=torch.bool, device=x.device)
         not_mask = (~mask).float()
         y_embed = not_mask.cumsum(1)
         x_embed = not_mask.cumsum(2)
