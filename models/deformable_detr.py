@@ -188,9 +188,8 @@ def check_deformable_args(args: argparse.Namespace) -> None:
 
 def build(args: argparse.Namespace):
     """Deformable DETR, its focal-loss SetCriterion and the top-100 'bbox' postprocessor."""
-    from .detr import num_classes_from_args
-    from .focal_criterion import FocalSetCriterion, build_deformable_weight_dict
-    from .matcher import build_matcher
+    from .detr import _criterion_device, num_classes_from_args
+    from .focal_criterion import build_deformable_criterion
     from .postprocess import PostProcessTopK
 
     check_deformable_args(args)
@@ -210,8 +209,8 @@ def build(args: argparse.Namespace):
         num_queries=args.num_queries, num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
         with_box_refine=args.with_box_refine, two_stage=args.two_stage,
     )  # fmt: skip
-    losses = ["labels", "boxes", "cardinality"]
-    criterion = FocalSetCriterion(
-        num_classes, build_matcher(args), build_deformable_weight_dict(args), losses, focal_alpha=args.focal_alpha
-    )
+    criterion = build_deformable_criterion(args, num_classes)
+    device = _criterion_device(args.device)
+    if device is not None:
+        criterion.to(device)
     return model, criterion, {"bbox": PostProcessTopK(num_select=100)}
