@@ -6,6 +6,7 @@ import argparse
 import errno
 import functools
 import http.server
+import io
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import util.checkpoint as checkpoint_module
 from util.checkpoint import (
     CheckpointError,
     checkpoint_args_to_namespace,
@@ -252,8 +254,34 @@ def test_a_failing_write_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous version, if any, is intact"):
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint .* is intact"):
         save_checkpoint({"epoch": 2}, target)
+    monkeypatch.undo()
+    assert load_checkpoint(target) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+
+
+class _FullDisk(io.FileIO):
+    """A file that accepts ``room`` bytes, then fails like a full disk (ENOSPC)."""
+
+    room = 4096
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_a_full_disk_inside_torch_save_is_one_line_naming_the_os_error(tmp_path, monkeypatch):
+    """Issue 15: torch.save turns the ENOSPC into "RuntimeError: [enforce fail at inline_container.cc]"."""
+    target = tmp_path / "checkpoint.pth"
+    save_checkpoint({"epoch": 1}, target)
+    monkeypatch.setattr(checkpoint_module, "open", lambda path, mode: _FullDisk(path, "x"), raising=False)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint({"epoch": 2, "model": {"w": torch.zeros(10_000)}}, target)
+    message = str(err.value)
+    assert "\n" not in message and str(target) in message
+    assert "No space left on device" in message and f"previous checkpoint {target} is intact" in message
     monkeypatch.undo()
     assert load_checkpoint(target) == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]

@@ -83,15 +83,31 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
         if path.exists():
             _keep_previous(path)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
+        os_error = _os_error_in(e)
+        if os_error is None:
+            raise
+        kept = f"the previous checkpoint {path} is intact" if path.exists() else "no earlier checkpoint was there"
         raise CheckpointError(
-            f"saving checkpoint {path} failed ({_first_line(e)}); the previous version, if any, is intact"
+            f"saving checkpoint {path} failed ({_first_line(os_error)}); {kept}; free disk space or pass another "
+            "--output_dir, then continue with --resume auto"
         ) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(folder)
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind ``error``: itself, or the cause/context of torch.save's RuntimeError (a full disk
+    surfaces as "[enforce fail at inline_container.cc] ... unexpected pos" raised while handling Errno 28)."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
