@@ -1,7 +1,8 @@
 """Crash-safe checkpoint files: atomic saving, safe loading, and finding the checkpoint to resume from.
 
 A checkpoint is a dict with 'model' (state dict) and, for training, 'optimizer', 'lr_scheduler', 'epoch',
-'args' (a plain dict) and optionally 'iteration', 'rng_state', 'scaler', ... Positions follow one convention:
+'args' (a plain dict) and optionally 'iteration', 'rng_state', 'scaler', 'run_id' (one id per run, kept by
+resumes), 'class_names', ... Positions follow one convention:
 
 - 'epoch': the last epoch fully completed (the published meaning: training resumes at epoch + 1; -1 when a
   mid-epoch checkpoint is written during the first epoch);
@@ -184,7 +185,9 @@ def _remove_stale_temporaries(path: Path) -> None:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path_or_url: str | os.PathLike, map_location: Any = "cpu", check_hash: bool = False) -> dict:
+def load_checkpoint(
+    path_or_url: str | os.PathLike, map_location: Any = "cpu", check_hash: bool = False, hint: str = "check the path"
+) -> dict:
     """Load a checkpoint with ``torch.load(weights_only=True)``; only argparse.Namespace is allowed besides.
 
     Args:
@@ -192,6 +195,7 @@ def load_checkpoint(path_or_url: str | os.PathLike, map_location: Any = "cpu", c
             and read from there on later calls.
         map_location: as for ``torch.load``.
         check_hash: for URLs, verify the sha256 prefix carried in the file name (``name-<hex>.pth``).
+        hint: what the missing-file error suggests (the caller knows its flag, e.g. "--resume auto").
 
     Returns:
         The checkpoint dict, 'args' left as stored (a dict for this project's files, an argparse.Namespace
@@ -203,8 +207,15 @@ def load_checkpoint(path_or_url: str | os.PathLike, map_location: Any = "cpu", c
     """
     source = str(path_or_url)
     path = download_checkpoint(source, check_hash=check_hash) if _is_url(source) else Path(source)
+    if path.is_dir():
+        found = [p.name for p in resume_candidates(path)]
+        example = path / (found[0] if found else _MAIN_NAME)
+        raise CheckpointError(
+            f"checkpoint {path} is a folder ({'holding ' + ', '.join(found) if found else 'no checkpoint in it'}); "
+            f"pass a file such as {example}, or --resume auto --output_dir {path} for its newest checkpoint"
+        )
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file; check the path (or use --resume auto)")
+        raise CheckpointError(f"checkpoint {path}: no such file; {hint}")
     return _safe_load(path, map_location)
 
 
@@ -296,12 +307,13 @@ def resume_candidates(output_dir: str | os.PathLike) -> list[Path]:
 def load_latest_checkpoint(output_dir: str | os.PathLike, map_location: Any = "cpu") -> tuple[Path, dict] | None:
     """Load the most advanced readable checkpoint of ``output_dir``; unreadable ones are skipped with a warning.
 
-    "Most advanced" is the largest `resume_position` (ties: checkpoint.pth, then the newest file).
+    "Most advanced" is the largest `resume_position` (ties: checkpoint.pth, then the newest file) among the
+    checkpoints of the latest run: those sharing checkpoint.pth's 'run_id' (files without one form one group).
 
     Returns:
         (path, checkpoint dict), or None when ``output_dir`` holds no readable checkpoint.
     """
-    ranked = []
+    heads = []
     for path in resume_candidates(output_dir):
         try:  # cheap look at the positions: tensors are memory-mapped, not read
             head = _safe_load(path, "cpu", mmap=True)
@@ -311,9 +323,14 @@ def load_latest_checkpoint(output_dir: str | os.PathLike, map_location: Any = "c
             except CheckpointError as e:
                 logger.warning("--resume auto: skipping %s", e)
                 continue
-        rank = (resume_position(head), path.name == _MAIN_NAME, path.stat().st_mtime)
-        ranked.append((rank, path))
+        heads.append((path, head.get("run_id"), resume_position(head), path.stat().st_mtime))
         del head
+    if not heads:
+        return None
+    # Only the run that wrote the newest file counts (a folder reused by another run can still hold older
+    # files of the first one, e.g. its checkpoint0006.pth): checkpoint.pth is always the last one written.
+    newest = max(heads, key=lambda h: (h[0].name == _MAIN_NAME, h[3]))
+    ranked = [((pos, path.name == _MAIN_NAME, mtime), path) for path, run, pos, mtime in heads if run == newest[1]]
     for _, path in sorted(ranked, key=lambda item: item[0], reverse=True):
         try:
             return path, _safe_load(path, map_location)

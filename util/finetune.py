@@ -56,7 +56,7 @@ def load_for_finetuning(
     Raises:
         FinetuneError: the checkpoint has tensors the model lacks, or a shape differs outside the heads.
     """
-    checkpoint = load_checkpoint(path_or_url)
+    checkpoint = load_checkpoint(path_or_url, hint="check the --finetune path")
     state = _model_state(checkpoint, path_or_url)
     model_state = model.state_dict()
     state, skipped = _align_prefixes(state, model_state)

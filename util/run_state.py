@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ class TrainState:
     scaler: torch.amp.GradScaler
     # This process's statistics of the batches a mid-epoch checkpoint had trained (set by `restore`).
     resumed_metrics: dict[str, dict[str, float]] | None = None
+    # One id per run, kept across resumes: --resume auto never mixes in another run's files of the folder.
+    run_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # The dataset's {category id: name}, stored so predict.py names classes without --categories.
+    class_names: dict[int, str] | None = None
 
     def checkpoint(
         self, args: argparse.Namespace, epoch: int, iteration: int = 0, metrics: MetricTracker | None = None
@@ -54,7 +59,10 @@ class TrainState:
             "epoch": epoch,
             "args": config_dict(args),
             "rng_state": dist_utils.all_gather_object(capture_rng_state()),
+            "run_id": self.run_id,
         }
+        if self.class_names:
+            ckpt["class_names"] = dict(self.class_names)
         if iteration:
             ckpt["iteration"] = iteration
             if metrics is not None:
@@ -67,6 +75,7 @@ class TrainState:
     def restore(self, ckpt: dict[str, Any], args: argparse.Namespace) -> tuple[int, int]:
         """Load optimizer, scheduler, scaler and RNG states of a training checkpoint; (start epoch, iteration)."""
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.run_id = str(ckpt.get("run_id") or self.run_id)
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         _reconcile_schedule(args, ckpt, self.optimizer, self.lr_scheduler)
         if "scaler" in ckpt and self.scaler.is_enabled():
@@ -104,18 +113,24 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
     ``args.start_epoch``; returns the batches of that epoch already trained (0 at an epoch boundary).
     """
     if args.frozen_weights:
-        _load_model(state.model.detr, load_checkpoint(args.frozen_weights), args.frozen_weights)
+        frozen = load_checkpoint(args.frozen_weights, hint="check the --frozen_weights path")
+        _load_model(state.model.detr, frozen, args.frozen_weights, args)
     resume = args.resume
     if resume == "auto":
-        found = find_resume_checkpoint(args.output_dir) if args.output_dir else None
+        if not args.output_dir:
+            raise CheckpointError("--resume auto continues from the checkpoints of --output_dir: pass --output_dir")
+        found = find_resume_checkpoint(args.output_dir)
         log.info("--resume auto: %s", f"continuing from {found}" if found else "no checkpoint yet, starting fresh")
         resume = str(found) if found else ""
     if resume:
-        ckpt = load_checkpoint(resume)
-        _load_model(state.model, ckpt, resume)
+        ckpt = load_checkpoint(resume, hint="check the path, or use --resume auto to continue from --output_dir")
+        _load_model(state.model, ckpt, resume, args)
         _warn_behaviour_mismatch(args, ckpt, resume)
+        if args.eval:
+            log.info("evaluating the weights of %s", resume)
+            return 0
         start_iteration = 0
-        if not args.eval and all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
+        if all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
             args.start_epoch, start_iteration = state.restore(ckpt, args)
         log.info("resumed from %s (next epoch %d, iteration %d)", resume, args.start_epoch, start_iteration)
         return start_iteration
@@ -126,19 +141,59 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
     return 0
 
 
-def _load_model(model: nn.Module, ckpt: dict, source: str) -> None:
-    """Strict state-dict loading with a one-line error that names the checkpoint and the first mismatch."""
+# Flags whose stored value, when it differs from this run's, explains a state-dict mismatch.
+ARCHITECTURE_FLAGS = (
+    "model", "backbone", "backbone_stages", "dilation", "hidden_dim", "dim_feedforward", "enc_layers", "dec_layers",
+    "nheads", "num_queries", "pre_norm", "masks", "position_embedding", "num_classes", "dataset_file", "aux_loss",
+    "num_feature_levels", "two_stage", "with_box_refine", "dec_n_points", "enc_n_points",
+)  # fmt: skip
+
+
+def _load_model(model: nn.Module, ckpt: dict, source: str, args: argparse.Namespace | None = None) -> None:
+    """Strict state-dict loading; a mismatch is one line: counts, first keys, and the checkpoint's differing flags."""
     if "model" not in ckpt:
         raise CheckpointError(f"checkpoint {source} has no 'model' entry (keys: {sorted(ckpt)[:5]})")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-        raise CheckpointError(
-            f"checkpoint {source} does not fit this model ({details[0] if details else e}); build the model with "
-            "the checkpoint's flags (backbone, backbone_stages, hidden_dim, layers, num_queries, "
-            "--num_classes / --dataset_file), or use --finetune to re-initialise mismatched heads"
-        ) from None
+        raise CheckpointError(mismatch_summary(model.state_dict(), ckpt, source, args, e)) from None
+
+
+def mismatch_summary(
+    model_state: dict, ckpt: dict, source: str, args: argparse.Namespace | None, error: Exception | None = None
+) -> str:
+    """One line on why ``ckpt['model']`` does not fit ``model_state`` (every key is never listed)."""
+    state = ckpt["model"]
+    missing = [k for k in model_state if k not in state]
+    unexpected = [k for k in state if k not in model_state]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(model_state[k].shape)}"
+        for k in model_state
+        if k in state and hasattr(state[k], "shape") and state[k].shape != model_state[k].shape
+    ]
+    parts = [
+        f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if keys
+    ]
+    if not parts and error is not None:
+        parts = [str(error).strip().splitlines()[-1][:200]]
+    stored = _checkpoint_args(ckpt)
+    differing = [
+        f"--{k} {stored[k]} (this run {getattr(args, k)})"
+        for k in ARCHITECTURE_FLAGS
+        if args is not None and k in stored and hasattr(args, k) and stored[k] != getattr(args, k)
+    ]
+    flags = (
+        f"the checkpoint was trained with {', '.join(differing)}: pass those flags (or its config.yaml with --config)"
+        if differing
+        else "build the model with the checkpoint's flags (backbone, backbone_stages, hidden_dim, layers, "
+        "num_queries, --num_classes / --dataset_file)"
+    )
+    return (
+        f"checkpoint {source} does not fit this model ({'; '.join(parts)}); {flags}, "
+        "or use --finetune to re-initialise mismatched heads"
+    )
 
 
 def _checkpoint_args(ckpt: dict) -> dict[str, Any]:
