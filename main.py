@@ -26,9 +26,11 @@ from util.amp import make_grad_scaler
 from util.arguments import get_args_parser
 from util.checkpoint import CheckpointError, save_checkpoint
 from util.config import UsageError, apply_config, dump_config, explicit_dests, is_explicit, parse_args_with_config
+from util.family import adopt_checkpoint_family
 from util.logging import MetricTracker, RunLogger, setup_console
 from util.misc import collate_fn
 from util.preemption import PreemptionHandler, requeue_slurm_job
+from util.run_dir import check_new_run_dir, next_free_run_dir, resume_command
 from util.run_state import TrainState, checkpoint_paths, load_weights
 
 # models, datasets and engine are imported inside main(): get_args_parser() stays cheap and importable alone.
@@ -171,12 +173,39 @@ def _report_predictions(output_dir: Path | None, coco_evaluator) -> None:
             log.info("predictions (COCO results format): %s", path)
 
 
+def _metric_scalars(stats: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """TensorBoard scalars of an evaluation by prefix: test/bbox_*, test/segm_* (12 COCO numbers each), and
+    test/PQ_all_*, test/PQ_th_*, test/PQ_st_* (pq, sq, rq)."""
+    from datasets.coco_eval import STAT_NAMES
+
+    scalars = {}
+    for key, prefix in (("coco_eval_bbox", "test/bbox_"), ("coco_eval_masks", "test/segm_")):
+        if key in stats:
+            scalars[prefix] = dict(zip(STAT_NAMES, stats[key]))
+    for key in ("PQ_all", "PQ_th", "PQ_st"):
+        if isinstance(stats.get(key), dict):
+            scalars[f"test/{key}_"] = {k: float(stats[key][k]) for k in ("pq", "sq", "rq") if k in stats[key]}
+    return scalars
+
+
+def _metrics_line(stats: dict[str, Any]) -> str:
+    """'bbox AP 0.412, segm AP 0.310, PQ 43.4 (SQ 79.3, RQ 53.8; things 48.2, stuff 36.3)' for what was measured."""
+    parts = [f"{name} AP {stats[key][0]:.3f}" for key, name in (("coco_eval_bbox", "bbox"), ("coco_eval_masks", "segm"))
+             if key in stats]  # fmt: skip
+    if isinstance(stats.get("PQ_all"), dict):
+        pq = {k: 100 * float(stats[k]["pq"]) if isinstance(stats.get(k), dict) else float("nan")
+              for k in ("PQ_all", "PQ_th", "PQ_st")}  # fmt: skip
+        everything = stats["PQ_all"]
+        parts.append(f"PQ {pq['PQ_all']:.1f} (SQ {100 * everything['sq']:.1f}, RQ {100 * everything['rq']:.1f}; "
+                     f"things {pq['PQ_th']:.1f}, stuff {pq['PQ_st']:.1f})")  # fmt: skip
+    return ", ".join(parts)
+
+
 def _summary(stats: dict[str, Any]) -> str:
     names = {"train_loss": "loss", "train_lr": "lr", "test_loss": "val loss"}
     parts = [f"{name} {stats[key]:.4g}" for key, name in names.items() if key in stats]
-    if "test_coco_eval_bbox" in stats:
-        parts.append(f"AP {stats['test_coco_eval_bbox'][0]:.3f}")
-    return ", ".join(parts)
+    metrics = _metrics_line({k[len("test_") :]: v for k, v in stats.items() if k.startswith("test_")})
+    return ", ".join(parts + ([metrics] if metrics else []))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -238,17 +267,27 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     if args.frozen_weights is not None and not args.masks:
         raise UsageError("--frozen_weights is for the segmentation stage only: add --masks")
+    adopt_checkpoint_family(args)  # --resume without --model: build the checkpoint's family
+    if args.resume == "auto" and not args.output_dir:
+        raise UsageError("--resume auto continues from the checkpoints of --output_dir: pass --output_dir")
     is_main = dist_utils.is_main_process()
     output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and not args.eval and not args.resume:
+        check_new_run_dir(output_dir)  # before any collective: every process checks the same files
     if output_dir is not None and is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(args.seed + dist_utils.get_rank())
 
     args.num_classes = datasets.num_classes_for(args)
+    backbone_weights = args.backbone_weights
+    if args.resume and args.resume != "auto" and backbone_weights == "imagenet":
+        args.backbone_weights = "none"  # the checkpoint overwrites them: no download (offline runs work)
     try:
         model, criterion, postprocessors = models.build_model(args)
     except ValueError as e:  # flags that do not fit together, e.g. --masks with --backbone_stages 2
         raise UsageError(str(e)) from None
+    finally:
+        args.backbone_weights = backbone_weights  # stored and written as the run's configuration
     model.to(device)
     criterion.to(device)
     model_without_ddp = model
@@ -272,14 +311,16 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     dataset_train = None if args.eval else datasets.build_dataset("train", args)
     loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)  # panoptic: its instance annotations (box AP)
+    if base_ds is not None and base_ds.dataset.get("categories"):
+        state.class_names = {int(c["id"]): str(c["name"]) for c in base_ds.dataset["categories"] if "name" in c}
     if "panoptic" in postprocessors and hasattr(dataset_val, "is_thing_map"):
         # The published COCO rule (ids <= 90 are things) is wrong for other panoptic data; the dataset knows.
         postprocessors["panoptic"].is_thing_map = dataset_val.is_thing_map
     warn_dilated_eval_batch(args)
 
     start_iteration = load_weights(args, state)
-    if output_dir is not None and is_main:
-        dump_config(args, get_args_parser(), output_dir / "config.yaml")
+    if output_dir is not None and is_main:  # the run's configuration: a resume's position is not part of it
+        dump_config(args, get_args_parser(), output_dir / "config.yaml", exclude=("resume", "start_epoch"))
     eval_kwargs = dict(
         progress=not args.no_progress, max_iters=args.max_iters_per_epoch, amp=args.amp, eval_backend=args.eval_backend
     )
@@ -290,6 +331,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         return _train(args, device, model, criterion, state, loader_train, evaluate_now, n_parameters, start_iteration)
     test_stats, coco_evaluator = evaluate_now()
     if is_main:
+        log.info("%s", _metrics_line(test_stats) or "no metrics (no annotations to compare with)")
         _write_eval_outputs(output_dir, coco_evaluator, None)
         _report_predictions(output_dir, coco_evaluator)
         if output_dir is not None:
@@ -300,7 +342,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 def _train(args, device, model, criterion, state: TrainState, loader_train, evaluate_now, n_parameters: int,
            start_iteration: int) -> dict[str, Any]:  # fmt: skip
-    from datasets.coco_eval import STAT_NAMES
+    from datasets import skipped_samples
     from engine import train_one_epoch
 
     is_main = dist_utils.is_main_process()
@@ -322,6 +364,7 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
             skip = start_iteration if epoch == args.start_epoch else 0
             begin_epoch(loader_train, epoch, args.seed, skip)
             tracker = state.epoch_tracker(resuming=skip > 0)
+            skipped_before = skipped_samples(loader_train.dataset)
 
             def on_step(done: int, epoch: int = epoch, tracker: MetricTracker = tracker) -> bool:
                 """After each step: stop on a preemption signal; mid-epoch checkpoints (--checkpoint_every)."""
@@ -339,7 +382,9 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
                 tracker=tracker,
             )  # fmt: skip
             if preemption.requested:
-                log.info("stopped by %s during epoch %d: continue with --resume auto", preemption.signal_name, epoch)
+                how = resume_command(getattr(args, "_argv", None), "python main.py") if output_dir else None
+                log.info("stopped by %s during epoch %d; %s", preemption.signal_name, epoch,
+                         f"continue with: {how}" if how else "nothing was saved (no --output_dir)")  # fmt: skip
                 if not preemption.forward_to_previous():  # submitit's own handler requeues when there is one
                     requeue_slurm_job()
                 return test_stats
@@ -348,12 +393,16 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
                 save(state.checkpoint(args, epoch), checkpoint_paths(output_dir, epoch, args.lr_drop))
 
             log_stats: dict[str, Any] = {f"train_{k}": v for k, v in train_stats.items()}
+            skipped = skipped_samples(loader_train.dataset) - skipped_before
+            if skipped:  # the per-sample warnings appear once; the count every epoch
+                log.warning("warning: epoch %d skipped %d unreadable training samples (--skip_bad_images)", epoch,
+                            skipped)  # fmt: skip
+                log_stats["train_skipped_samples"] = skipped
             if (epoch + 1) % max(args.eval_every, 1) == 0 or epoch == args.epochs - 1:
                 test_stats, coco_evaluator = evaluate_now()
                 log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
-                if "coco_eval_bbox" in test_stats:
-                    bbox = dict(zip(STAT_NAMES, test_stats["coco_eval_bbox"]))
-                    logger.scalars(bbox, step=epoch, prefix="test/bbox_")
+                for prefix, values in _metric_scalars(test_stats).items():
+                    logger.scalars(values, step=epoch, prefix=prefix)
                 if is_main:
                     _write_eval_outputs(output_dir, coco_evaluator, epoch)
             now = time.time()
@@ -368,6 +417,8 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
     log.info("total time %.1f s", time.time() - args.start_time)
     if "coco_eval_bbox" in test_stats:
         log.info("final COCO AP (IoU 0.50:0.95) on the validation set: %.3f", test_stats["coco_eval_bbox"][0])
+    if "coco_eval_masks" in test_stats or "PQ_all" in test_stats:
+        log.info("final validation metrics: %s", _metrics_line(test_stats))
     if output_dir is not None:
         log.info("log: %s", logger.log_path)
         log.info("checkpoint: %s", output_dir / "checkpoint.pth")
@@ -379,13 +430,23 @@ def cli(argv: list[str] | None = None) -> None:
     """Command-line entry: no arguments run the demo; user errors become one clear line instead of a traceback."""
     from datasets.errors import DatasetError
     from models.backbone import WeightsUnavailableError
+    from util.finetune import FinetuneError
 
-    if not (sys.argv[1:] if argv is None else argv):  # the published CLI always has arguments
-        print(f"no arguments: running the demo ({DEMO_CONFIG}); see --help for COCO training", flush=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # the published CLI always has arguments
         argv = ["--config", str(DEMO_CONFIG)]
+        default_dir = Path(parse_args(argv).output_dir)
+        demo_dir = next_free_run_dir(default_dir)  # a second demo gets its own folder (runs/demo_2, ...)
+        if demo_dir != default_dir:
+            argv += ["--output_dir", str(demo_dir)]
+        print(f"no arguments: running the demo ({DEMO_CONFIG}) into {demo_dir}; see --help for COCO training",
+              flush=True)  # fmt: skip
+    errors = (UsageError, CheckpointError, DatasetError, dist_utils.DeviceError, WeightsUnavailableError, FinetuneError)
     try:
-        main(parse_args(argv))
-    except (UsageError, CheckpointError, DatasetError, dist_utils.DeviceError, WeightsUnavailableError) as e:
+        args = parse_args(argv)
+        args._argv = argv  # for the exact command that resumes this run
+        main(args)
+    except errors as e:
         sys.exit(f"error: {e}")
 
 

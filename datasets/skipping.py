@@ -21,7 +21,8 @@ MAX_SUBSTITUTIONS = 32
 class SkippingDataset(torch.utils.data.Dataset):
     """Base class: ``__getitem__`` calls ``load_sample(index)`` and handles its :class:`DatasetError`.
 
-    Without ``skip_bad_images`` the error propagates. With it, a one-line warning is logged, the skip is counted
+    Without ``skip_bad_images`` the error propagates. With it, a one-line warning is logged (once per sample and
+    process: the trainer logs the count per epoch), the skip is counted
     (``skipped``, summed over DataLoader workers through shared memory), and either the next readable sample is
     returned (``substitute_bad``: training keeps a constant batch size, so distributed ranks stay in step) or
     ``None`` (evaluation: ``util.misc.collate_fn`` drops it).
@@ -31,6 +32,7 @@ class SkippingDataset(torch.utils.data.Dataset):
         self.skip_bad_images = skip_bad_images
         self.substitute_bad = substitute_bad
         self._skip_counts = torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
+        self._warned: set[int] = set()  # indices already reported by this process (not every epoch again)
 
     def load_sample(self, index: int) -> Any:
         raise NotImplementedError
@@ -48,7 +50,9 @@ class SkippingDataset(torch.utils.data.Dataset):
                 if not self.skip_bad_images:
                     raise
                 self._count_skip()
-                logger.warning("skipping sample %d: %s", index, err)
+                if index not in self._warned:
+                    self._warned.add(index)
+                    logger.warning("skipping sample %d: %s", index, err)
                 if not self.substitute_bad:
                     return None
                 index = (index + 1) % len(self)

@@ -152,10 +152,16 @@ def config_dict(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")}
 
 
-def dump_config(args: argparse.Namespace, parser: argparse.ArgumentParser, path: str | Path) -> None:
-    """Write the resolved flag values as YAML that ``--config`` reads back (derived attributes left out)."""
+def dump_config(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, path: str | Path, exclude: Sequence[str] = ()
+) -> None:
+    """Write the resolved flag values as YAML that ``--config`` reads back (derived attributes left out).
+
+    ``exclude``: destinations left out (e.g. a resume's 'resume' and 'start_epoch', which are run state).
+    """
     dests = _actions_by_dest(parser)
-    values = {k: v for k, v in config_dict(args).items() if k in dests and k != "config" and _is_plain(v)}
+    skip = {"config", *exclude}
+    values = {k: v for k, v in config_dict(args).items() if k in dests and k not in skip and _is_plain(v)}
     Path(path).write_text(yaml.safe_dump(values, sort_keys=True), encoding="utf-8")
 
 
