@@ -141,6 +141,7 @@ def train_one_epoch(
         leave=False,
     )
     skipped = 0
+    needs_targets = getattr(getattr(model, "module", model), "needs_targets", False)  # through a DDP wrapper
     tic = time.perf_counter()
     batches = itertools.islice(data_loader, max(n_iters - start_iteration, 0))
     for i, (samples, targets) in enumerate(batches, start=start_iteration):
@@ -148,7 +149,8 @@ def train_one_epoch(
         samples = samples.to(device, non_blocking=True)
         targets = _targets_to(targets, device)
         with autocast_context(device.type, amp):
-            outputs = model(samples)
+            # DINO builds its denoising queries from the targets (published: model(samples, targets)).
+            outputs = model(samples, targets) if needs_targets else model(samples)
         outputs = _to_float32(outputs)
         # Diverged predictions would fail inside the matcher: check them first, on every process together.
         nonfinite = _nonfinite_predictions(outputs, device)
