@@ -18,6 +18,9 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, SetCriterion, dict
     ``main.get_args_parser()`` args."""
     family = getattr(args, "model", "detr")
     if family == "detr":
+        for flag in ("with_box_refine", "two_stage"):
+            if getattr(args, flag, False):  # a published Deformable DETR command line without --model
+                raise ValueError(f"--{flag} is a Deformable DETR flag: add --model deformable_detr (--model is detr)")
         from .detr import build
     elif family == "deformable_detr":
         from .deformable_detr import build

@@ -275,3 +275,34 @@ def test_flags_that_do_not_combine(flags, message):
     args = get_args_parser().parse_args(["--model", "deformable_detr", *TINY_FLAGS, *flags])
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
         build_model(args)
+
+
+RECIPE_CONFIGS = {
+    "deformable_detr_single_scale": "single_scale",
+    "deformable_detr_single_scale_dc5": "single_scale_dc5",
+    "deformable_detr": "multi_scale",
+    "deformable_detr_refine": "refine",
+    "deformable_detr_two_stage": "two_stage",
+}
+
+
+@pytest.mark.parametrize("config", sorted(RECIPE_CONFIGS))
+def test_recipe_configs_and_published_command_lines(config):
+    """The shipped YAML of each recipe and its published command line (+ --model) give the same arguments."""
+    from main import parse_args
+
+    flags = RECIPES[RECIPE_CONFIGS[config]][0]
+    from_yaml = parse_args(["--config", f"configs/{config}.yaml"])
+    from_flags = parse_args(["--model", "deformable_detr", "--output_dir", "exps/r50", *flags])
+    for key in ("model", "num_feature_levels", "dilation", "with_box_refine", "two_stage", "lr", "lr_backbone",
+                "epochs", "lr_drop", "num_queries", "dim_feedforward", "cls_loss_coef", "set_cost_class"):  # fmt: skip
+        assert getattr(from_yaml, key) == getattr(from_flags, key), key
+    assert (from_flags.lr, from_flags.epochs, from_flags.lr_drop, from_flags.num_queries) == (2e-4, 50, 40, 300)
+
+
+def test_deformable_flags_without_model_are_an_error():
+    from models import build_model
+
+    args = get_args_parser().parse_args([*TINY_FLAGS, "--with_box_refine"])
+    with pytest.raises(ValueError, match="add --model deformable_detr"):
+        build_model(args)

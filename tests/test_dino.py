@@ -239,3 +239,17 @@ def test_train_step_losses_and_no_target_batch():
 def test_flags_that_do_not_combine(flags, message):
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
         build_model(_args(*TINY_FLAGS, *flags))
+
+
+@pytest.mark.parametrize(
+    "config, levels, epochs, lr_drop",
+    [("dino_4scale_r50", 4, 12, 11), ("dino_4scale_r50_24ep", 4, 24, 20), ("dino_4scale_r50_36ep", 4, 36, 30),
+     ("dino_5scale_r50", 5, 12, 11)],
+)  # fmt: skip
+def test_recipe_configs(config, levels, epochs, lr_drop):
+    from main import parse_args
+
+    args = parse_args(["--config", f"configs/{config}.yaml"])
+    assert (args.model, args.num_feature_levels, args.epochs, args.lr_drop) == ("dino", levels, epochs, lr_drop)
+    assert args.return_interm_indices == ([0, 1, 2, 3] if levels == 5 else [1, 2, 3])
+    assert (args.num_queries, args.dim_feedforward, args.lr, args.dn_number) == (900, 2048, 1e-4, 100)
