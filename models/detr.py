@@ -7,7 +7,6 @@ import path ``models.detr``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,9 @@ from .criterion import SetCriterion
 from .matcher import build_matcher
 from .postprocess import PostProcess
 from .spatial_prior import SPATIAL_PRIORS, anchor_boxes
-from .transformer import Transformer, build_transformer
+from .transformer import BoxHead, Transformer, build_transformer
 
-__all__ = ["DETR", "MLP", "PostProcess", "SetCriterion", "build", "num_classes_from_args"]
+__all__ = ["DETR", "MLP", "PostProcess", "SetCriterion", "as_nested_tensor", "build", "num_classes_from_args"]
 
 
 class MLP(nn.Module):
@@ -40,6 +39,16 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == self.num_layers - 1 else F.relu(layer(x))
         return x
+
+
+def as_nested_tensor(samples: NestedTensor | list[Tensor] | Tensor) -> NestedTensor:
+    """A model input as a NestedTensor: a list of [3, H_i, W_i] images is padded, a [B, 3, H, W] batch becomes
+    B unpadded images (as published). Scriptable."""
+    if isinstance(samples, NestedTensor):
+        return samples
+    if isinstance(samples, Tensor):
+        return nested_tensor_from_tensor_list(samples.unbind(0))
+    return nested_tensor_from_tensor_list(samples)
 
 
 class DETR(nn.Module):
@@ -78,7 +87,9 @@ class DETR(nn.Module):
         self.spatial_prior = spatial_prior
         self.box_refine = box_refine
 
-    def forward(self, samples: NestedTensor | list[Tensor] | Tensor) -> dict:
+    # No return annotation: TorchScript infers Dict[str, Tensor] (as the published scripted model returns), while
+    # the eager dict also holds the 'aux_outputs' list.
+    def forward(self, samples: NestedTensor | list[Tensor] | Tensor):
         """Detect objects.
 
         Args:
@@ -89,21 +100,32 @@ class DETR(nn.Module):
             'pred_logits' [B, Q, K + 1]; 'pred_boxes' [B, Q, 4] (cx, cy, w, h) in [0, 1] relative to each
             unpadded image; with aux_loss, 'aux_outputs': L - 1 dicts of the same two keys, first layer first.
         """
-        if not isinstance(samples, NestedTensor):
-            samples = nested_tensor_from_tensor_list(samples)
+        samples = as_nested_tensor(samples)
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         hs = self.run_transformer(self.input_proj(src), mask, pos[-1])[0]
         outputs_class = self.class_embed(hs)
         outputs_coord = self.predict_boxes(hs)
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
+        if not torch.jit.is_scripting():  # a scripted model returns Dict[str, Tensor]: no auxiliary outputs
+            if self.aux_loss:
+                out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
         return out
+
+    def __prepare_scriptable__(self) -> DETR:
+        """Called by ``torch.jit.script``: the opt-in decoder options are eager / torch.export only."""
+        if self.spatial_prior != "none" or self.box_refine:
+            raise RuntimeError(
+                "torch.jit.script: --spatial_prior and --box_refine models cannot be scripted (the prior passes the "
+                "box head to the decoder as a callable); export them with torch.export (tools/export.py)"
+            )
+        return self
 
     def run_transformer(self, src: Tensor, mask: Tensor | None, pos: Tensor) -> tuple[Tensor, Tensor]:
         """``self.transformer`` on projected features [B, D, H, W] -> (hs [L, B, Q, D], memory [B, D, H, W]),
         with the spatial prior and its first-layer anchors when enabled."""
+        if torch.jit.is_scripting():
+            return self.transformer(src, mask, self.query_embed.weight, pos)
         box_head = self.prior_box_head()
         anchors = None if box_head is None else self.anchors(src.shape[0], src.device)
         return self.transformer(src, mask, self.query_embed.weight, pos, box_head, anchors)
@@ -123,9 +145,12 @@ class DETR(nn.Module):
         iterative refinement of Deformable DETR with the one shared ``bbox_embed`` (no new weights).
         """
         deltas = self.bbox_embed(hs)
+        if torch.jit.is_scripting():  # box_refine models are not scriptable (``__prepare_scriptable__``)
+            return deltas.sigmoid()
         if not self.box_refine:
             return deltas.sigmoid()
-        boxes, previous = [], self.anchors(hs.shape[1], hs.device)
+        boxes: list[Tensor] = []
+        previous = self.anchors(hs.shape[1], hs.device)
         for delta in deltas:
             previous = self._apply_delta(delta, previous)
             boxes.append(previous)
@@ -141,7 +166,7 @@ class DETR(nn.Module):
         """One decoder layer's boxes [B, Q, 4] from its normalised output (and the previous layer's boxes)."""
         return self._apply_delta(self.bbox_embed(h), previous)
 
-    def prior_box_head(self) -> Callable[[Tensor, Tensor | None], Tensor] | None:
+    def prior_box_head(self) -> BoxHead | None:
         """What the decoder's spatial prior reads each layer's boxes with, or None without a prior (published)."""
         return self._layer_box if self.spatial_prior == "gaussian" else None
 

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from util.misc import NestedTensor, nested_tensor_from_tensor_list
+from util.misc import NestedTensor
 
 # The mask losses are computed by SetCriterion; they are importable here under their published path.
 from .criterion import dice_loss, sigmoid_focal_loss
+from .detr import as_nested_tensor
 from .segmentation_postprocess import PostProcessPanoptic, PostProcessSegm
 
 __all__ = [
@@ -34,6 +35,17 @@ __all__ = [
 def _group_norm(channels: int) -> nn.GroupNorm:
     # 8 groups as published; tiny test widths that 8 does not divide fall back to the largest divisor of 8.
     return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+def _lowest_value(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).min`` of the floating dtypes attention runs in (TorchScript cannot call finfo)."""
+    if dtype == torch.float16:
+        return -65504.0
+    if dtype == torch.bfloat16:
+        return -3.3895313892515355e38
+    if dtype == torch.float64:
+        return -1.7976931348623157e308
+    return -3.4028234663852886e38
 
 
 class MHAttentionMap(nn.Module):
@@ -80,7 +92,7 @@ class MHAttentionMap(nn.Module):
         k = k.view(batch, height * width, self.num_heads, head_dim)
         weights = torch.einsum("bqnc,bpnc->bqnp", q * self.normalize_fact, k)
         if mask is not None:
-            weights = weights.masked_fill(mask.flatten(1)[:, None, None, :], torch.finfo(weights.dtype).min)
+            weights = weights.masked_fill(mask.flatten(1)[:, None, None, :], _lowest_value(weights.dtype))
         weights = weights.flatten(2).softmax(dim=-1).view(batch, -1, self.num_heads, height, width)
         return self.dropout(weights)
 
@@ -127,14 +139,14 @@ class MaskHeadSmallConv(nn.Module):
         weight = self.lay1.weight
         per_image = F.conv2d(x, weight[:, :channels], self.lay1.bias, padding=1)
         per_query = F.conv2d(bbox_mask.flatten(0, 1), weight[:, channels:], padding=1)
-        out = per_image.unsqueeze(1) + per_query.view(batch, queries, *per_query.shape[1:])
+        out = per_image.unsqueeze(1) + per_query.unflatten(0, (batch, queries))
         return out.flatten(0, 1)
 
     @staticmethod
-    def _add_fpn(x: Tensor, fpn: Tensor, adapter: nn.Conv2d) -> Tensor:
-        fpn = adapter(fpn)
+    def _add_fpn(x: Tensor, fpn: Tensor) -> Tensor:
+        """[B * Q, C, h, w] per-query maps + adapted [B, C, H, W] features -> [B * Q, C, H, W]."""
         up = F.interpolate(x, size=fpn.shape[-2:], mode="nearest")
-        up = up.view(fpn.shape[0], -1, *up.shape[1:]) + fpn.unsqueeze(1)
+        up = up.unflatten(0, (fpn.shape[0], -1)) + fpn.unsqueeze(1)
         return up.flatten(0, 1)
 
     def forward(self, x: Tensor, bbox_mask: Tensor, fpns: list[Tensor]) -> Tensor:
@@ -152,9 +164,9 @@ class MaskHeadSmallConv(nn.Module):
             raise ValueError(f"mask head expects {self.dim} input channels, got {x.shape[1]} + {bbox_mask.shape[2]}")
         x = F.relu(self.gn1(self._first_conv(x, bbox_mask)))
         x = F.relu(self.gn2(self.lay2(x)))
-        x = F.relu(self.gn3(self.lay3(self._add_fpn(x, fpns[0], self.adapter1))))
-        x = F.relu(self.gn4(self.lay4(self._add_fpn(x, fpns[1], self.adapter2))))
-        x = F.relu(self.gn5(self.lay5(self._add_fpn(x, fpns[2], self.adapter3))))
+        x = F.relu(self.gn3(self.lay3(self._add_fpn(x, self.adapter1(fpns[0])))))
+        x = F.relu(self.gn4(self.lay4(self._add_fpn(x, self.adapter2(fpns[1])))))
+        x = F.relu(self.gn5(self.lay5(self._add_fpn(x, self.adapter3(fpns[2])))))
         return self.out_lay(x)
 
 
@@ -178,7 +190,9 @@ class DETRsegm(nn.Module):
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [last // 2, last // 4, last // 8], hidden_dim)
 
     # Read-only views of the detector's parts, so code written for DETR (channels_last, compile, attention
-    # hooks) also works on the wrapper; they add no state-dict entries.
+    # hooks) also works on the wrapper; they add no state-dict entries (and TorchScript does not compile them).
+    __jit_unused_properties__ = ["backbone", "transformer", "num_queries"]
+
     @property
     def backbone(self) -> nn.Module:
         return self.detr.backbone
@@ -191,18 +205,19 @@ class DETRsegm(nn.Module):
     def num_queries(self) -> int:
         return self.detr.num_queries
 
-    def forward(self, samples: NestedTensor | list[Tensor]) -> dict:
+    # No return annotation: TorchScript infers Dict[str, Tensor]; the eager dict may also hold 'aux_outputs'.
+    def forward(self, samples: NestedTensor | list[Tensor] | Tensor):
         """Detect and segment.
 
         Args:
-            samples: NestedTensor ([B, 3, H, W] images, [B, H, W] padding mask) or a list of [3, H_i, W_i] images.
+            samples: NestedTensor ([B, 3, H, W] images, [B, H, W] padding mask), a list of [3, H_i, W_i] images or
+                a [B, 3, H, W] batch without padding.
 
         Returns:
             {'pred_logits' [B, Q, K + 1], 'pred_boxes' [B, Q, 4] normalised cxcywh, 'pred_masks' [B, Q, H_4, W_4]
             mask logits on the padded stride-4 grid, 'aux_outputs' (boxes and logits only) with auxiliary loss}.
         """
-        if not isinstance(samples, NestedTensor):
-            samples = nested_tensor_from_tensor_list(samples)
+        samples = as_nested_tensor(samples)
         detr = self.detr
         features, pos = detr.backbone(samples)
         if len(features) != 4:
@@ -214,14 +229,19 @@ class DETRsegm(nn.Module):
         bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
         fpns = [features[2].tensors, features[1].tensors, features[0].tensors]
         masks = self.mask_head(src_proj, bbox_mask, fpns)
-        out["pred_masks"] = masks.view(hs.shape[1], hs.shape[2], *masks.shape[-2:])
+        out["pred_masks"] = masks.view(hs.shape[1], hs.shape[2], masks.shape[-2], masks.shape[-1])
         return out
 
-    def _detection_outputs(self, hs: Tensor) -> dict:
+    def _detection_outputs(self, hs: Tensor):
         detr = self.detr
         logits = detr.class_embed(hs)
         boxes = detr.predict_boxes(hs)
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if getattr(detr, "aux_loss", False):
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        if not torch.jit.is_scripting():  # scripted: Dict[str, Tensor], no auxiliary outputs
+            if detr.aux_loss:
+                out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
+
+    def __prepare_scriptable__(self) -> DETRsegm:
+        self.detr.__prepare_scriptable__()  # refuses the eager-only decoder options
+        return self

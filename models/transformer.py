@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,10 @@ __all__ = [
 ]
 
 ATTENTION_KERNELS = ("sdpa", "math")
+# The spatial prior's box head: (normalised decoder output [B, Q, D], previous boxes [B, Q, 4] or None) -> boxes
+# [B, Q, 4] in [0, 1]. Typed Any rather than Callable because TorchScript cannot parse a Callable annotation; a
+# scripted model never receives one (the prior is eager / torch.export only, see ``DETR.__prepare_scriptable__``).
+BoxHead = Any
 
 
 class MultiheadAttention(nn.Module):
@@ -101,7 +105,7 @@ class MultiheadAttention(nn.Module):
         v = F.linear(value, weight[2 * dim :], bias[2 * dim :])
         q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         dropout = self.dropout if self.training else 0.0
-        weights = None
+        weights: Tensor | None = None
         if self.kernel == "sdpa":
             if attn_bias is None:
                 # SDPA's boolean mask marks the keys to attend to, the opposite of a padding mask.
@@ -258,7 +262,7 @@ class TransformerDecoder(nn.Module):
         memory_key_padding_mask: Tensor | None = None,
         pos: Tensor | None = None,
         query_pos: Tensor | None = None,
-        box_head: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+        box_head: BoxHead | None = None,
         centers: Tensor | None = None,
         initial_boxes: Tensor | None = None,
     ) -> Tensor:
@@ -268,21 +272,25 @@ class TransformerDecoder(nn.Module):
         ``centers`` (``token_centers``), every layer gets the Gaussian spatial prior of the previous layer's
         boxes (no gradient); the first layer's come from ``initial_boxes`` [B, Q, 4] (none: no prior there).
         """
-        outputs = []
+        outputs: list[Tensor] = []
         boxes = initial_boxes
-        bias = None if boxes is None or box_head is None else gaussian_attention_bias(boxes, centers)
+        bias: Tensor | None = None
+        if not torch.jit.is_scripting():
+            if boxes is not None and box_head is not None:
+                bias = gaussian_attention_bias(boxes, centers)
         for index, layer in enumerate(self.layers):
             tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, bias)
             last = index == len(self.layers) - 1
-            if not (self.return_intermediate or last or box_head is not None):
-                continue
-            normed = self.norm(tgt)
-            if self.return_intermediate or last:
-                outputs.append(normed)
-            if box_head is not None and not last:
-                with torch.no_grad():
-                    boxes = box_head(normed, boxes)
-                    bias = gaussian_attention_bias(boxes, centers)
+            # Only the outputs that are used go through the final norm (no `continue`: TorchScript unrolls this loop).
+            if self.return_intermediate or last or box_head is not None:
+                normed = self.norm(tgt)
+                if self.return_intermediate or last:
+                    outputs.append(normed)
+                if not torch.jit.is_scripting():
+                    if box_head is not None and not last:
+                        with torch.no_grad():
+                            boxes = box_head(normed, boxes)
+                            bias = gaussian_attention_bias(boxes, centers)
         return torch.stack(outputs)
 
 
@@ -342,7 +350,7 @@ class Transformer(nn.Module):
         mask: Tensor | None,
         query_embed: Tensor,
         pos_embed: Tensor,
-        box_head: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+        box_head: BoxHead | None = None,
         initial_boxes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Encode the feature map and decode the object queries.
@@ -366,7 +374,10 @@ class Transformer(nn.Module):
         key_padding_mask = None if mask is None else mask.flatten(1)
         memory = self.encoder(src, key_padding_mask=key_padding_mask, pos=pos)
         tgt = torch.zeros_like(query_pos)
-        centers = None if box_head is None else token_centers(mask, batch, height, width, src.device)
+        centers: Tensor | None = None
+        if not torch.jit.is_scripting():
+            if box_head is not None:
+                centers = token_centers(mask, batch, height, width, src.device)
         hs = self.decoder(
             tgt, memory, memory_key_padding_mask=key_padding_mask, pos=pos, query_pos=query_pos,
             box_head=box_head, centers=centers, initial_boxes=initial_boxes,
