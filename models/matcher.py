@@ -104,7 +104,9 @@ class HungarianMatcher(nn.Module):
         return self.match_layers([outputs], targets)[0]
 
     @torch.no_grad()
-    def match_layers(self, layer_outputs: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]):
+    def match_layers(
+        self, layer_outputs: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]
+    ) -> list[Indices]:
         """Match several outputs (e.g. the final output, every auxiliary output, DINO's encoder output) in one pass.
 
         Args:
