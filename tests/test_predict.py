@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import parse_tiny_args
@@ -18,6 +19,11 @@ from util.class_names import COCO_CLASSES, resolve_class_names
 from util.misc import nested_tensor_from_tensor_list
 
 SIZES = [(64, 48), (40, 72), (56, 56)]  # (width, height)
+FAMILIES = ["detr", "deformable_detr"]
+
+
+def _family_flags(family):
+    return ("--model", family)
 
 
 def _images(folder, color=None):
@@ -63,8 +69,20 @@ def test_eval_transform_follows_the_published_size_rule():
     torch.testing.assert_close(white.mean((1, 2)), torch.tensor(expected), atol=1e-5, rtol=0)
 
 
-def test_predictions_json_matches_the_model_outputs(tmp_path):
-    ckpt, model, args = _checkpoint(tmp_path)
+def _expected_detections(outputs, offset, family):
+    """(label, score, query) of every detection the postprocessor keeps for image ``offset``, in its order."""
+    if family == "detr":  # softmax over K + 1 classes, the best real class per query
+        score, label = outputs["pred_logits"][offset].softmax(-1)[:, :-1].max(-1)
+        return [(int(lab), float(sc), q) for q, (lab, sc) in enumerate(zip(label, score))]
+    prob = outputs["pred_logits"][offset].sigmoid()  # Deformable DETR: the best (query, class) pairs
+    num_classes = prob.shape[1]
+    ranked = sorted(((float(p), q, c) for (q, c), p in np.ndenumerate(prob.numpy())), key=lambda x: -x[0])
+    return [(c, sc, q) for sc, q, c in ranked[: min(100, prob.numel())]] if num_classes else []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predictions_json_matches_the_model_outputs(tmp_path, family):
+    ckpt, model, args = _checkpoint(tmp_path, *_family_flags(family))
     paths = _images(tmp_path / "images")
     out = tmp_path / "out"
     results = predict.main(
@@ -96,16 +114,13 @@ def test_predictions_json_matches_the_model_outputs(tmp_path):
         images = [Image.open(p).convert("RGB") for p in batch]
         with torch.no_grad():
             outputs = model(nested_tensor_from_tensor_list([predict.eval_transform(im, 0.1) for im in images]))
-        probs = outputs["pred_logits"].softmax(-1)[..., :-1]
         for offset, (path, image) in enumerate(zip(batch, images)):
-            for query in range(args.num_queries):
-                score, label = probs[offset, query].max(-1)
+            for label, score, query in _expected_detections(outputs, offset, family):
                 cx, cy, w, h = outputs["pred_boxes"][offset, query].tolist()
                 x0, y0 = (cx - w / 2) * image.width, (cy - h / 2) * image.height
-                expected.append(
-                    (start + offset, str(path), int(label), [x0, y0, w * image.width, h * image.height], float(score))
-                )
-    assert len(results) == len(expected) == len(paths) * args.num_queries
+                expected.append((start + offset, str(path), label, [x0, y0, w * image.width, h * image.height], score))
+    per_image = args.num_queries if family == "detr" else 100  # Deformable DETR keeps the top 100 (of Q x 91)
+    assert len(results) == len(expected) == len(paths) * per_image
     for result, (image_id, file_name, label, bbox, score) in zip(results, expected):
         assert (result["image_id"], result["file_name"], result["category_id"]) == (image_id, file_name, label)
         assert result["category_name"] == COCO_CLASSES[label]
@@ -114,21 +129,33 @@ def test_predictions_json_matches_the_model_outputs(tmp_path):
 
 
 def _plant_center_box(model):
-    """Every query predicts class 1 with score e^2 / (e^2 + 3) and the box (cx, cy, w, h) = (.5, .5, .5, .5)."""
+    """Every query predicts class 1 with logit 2 (the others 0) and the box (cx, cy, w, h) = (.5, .5, .5, .5).
+
+    DETR's score is e^2 / (e^2 + 3) (softmax with "no object"); Deformable DETR's sigmoid(2). Deformable DETR's
+    box is relative to its reference point: zero reference weights put it at sigmoid(0) = 0.5.
+    """
+    class_heads = model.class_embed if isinstance(model.class_embed, torch.nn.ModuleList) else [model.class_embed]
+    box_heads = model.bbox_embed if isinstance(model.bbox_embed, torch.nn.ModuleList) else [model.bbox_embed]
     with torch.no_grad():
-        model.class_embed.weight.zero_()
-        model.class_embed.bias.zero_()
-        model.class_embed.bias[1] = 2.0
-        last = model.bbox_embed.layers[-1]
-        last.weight.zero_()
-        last.bias.zero_()
-        last.bias[2:] = math.log(0.5 / 0.5)  # sigmoid(0) = 0.5
+        for head in class_heads:
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[1] = 2.0
+        for head in box_heads:
+            head.layers[-1].weight.zero_()
+            head.layers[-1].bias.zero_()  # sigmoid(0) = 0.5
+        if hasattr(model.transformer, "reference_points"):
+            model.transformer.reference_points.weight.zero_()
+            model.transformer.reference_points.bias.zero_()
 
 
-def test_drawn_png_and_class_names_from_checkpoint(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drawn_png_and_class_names_from_checkpoint(tmp_path, family):
     ckpt, _, _ = _checkpoint(
-        tmp_path, "--num_classes", "3", plant=_plant_center_box, class_names=["background", "cat", "dog"]
-    )
+        tmp_path, *_family_flags(family), "--num_classes", "3", plant=_plant_center_box,
+        class_names=["background", "cat", "dog"],
+    )  # fmt: skip
+    score = math.exp(2) / (math.exp(2) + 3) if family == "detr" else 1 / (1 + math.exp(-2))
     paths = _images(tmp_path / "gray", color=(128, 128, 128))
     out = tmp_path / "out"
     results = predict.main(
@@ -146,7 +173,6 @@ def test_drawn_png_and_class_names_from_checkpoint(tmp_path):
         ]
     )
     assert len(results) == 10 and {r["category_name"] for r in results} == {"cat"}
-    score = math.exp(2) / (math.exp(2) + 3)
     assert [r["score"] for r in results] == pytest.approx([score] * 10, abs=1e-6)
     width, height = SIZES[0]
     for result in results:
@@ -168,7 +194,7 @@ def test_drawn_png_and_class_names_from_checkpoint(tmp_path):
             "--device",
             "cpu",
             "--threshold",
-            "0.72",
+            f"{score + 0.01}",
             "--no_progress",
         ]
     )
@@ -192,6 +218,25 @@ def test_published_style_checkpoint_rebuilds(tmp_path):
     loaded, _, margs, _ = predict.load_model(str(path))
     assert (margs.num_queries, margs.hidden_dim, margs.pre_norm, margs.position_embedding) == (7, 32, True, "learned")
     assert margs.backbone_weights == "none" and margs.num_classes == 91
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_published_style_deformable_checkpoint_rebuilds_its_family(tmp_path):
+    """A published Deformable DETR file: a Namespace without --model; the keys tell the family and the switches."""
+    flags = ("--model", "deformable_detr", "--with_box_refine", "--two_stage", "--num_feature_levels", "2")
+    args = parse_tiny_args(*flags[:-2], "--num_feature_levels", "3", "--num_queries", "7", "--num_classes", "5")
+    model = build_model(args)[0]
+    published = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("model", "backbone_weights")})
+    published.with_box_refine = published.two_stage = False  # wrong stored values: the state dict wins
+    path = tmp_path / "r50_deformable_detr_two_stage.pth"
+    torch.save({"model": model.state_dict(), "args": published}, path)
+    loaded, postprocessors, margs, _ = predict.load_model(str(path))
+    assert (margs.model, margs.with_box_refine, margs.two_stage, margs.num_feature_levels) == (
+        "deformable_detr", True, True, 3
+    )  # fmt: skip
+    assert (margs.num_classes, margs.num_queries, margs.hidden_dim) == (5, 7, 32)
+    assert type(postprocessors["bbox"]).__name__ == "PostProcessTopK"
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
 
