@@ -27,7 +27,6 @@ from util.arguments import get_args_parser
 from util.checkpoint import CheckpointError, save_checkpoint
 from util.config import UsageError, apply_config, dump_config, explicit_dests, is_explicit, parse_args_with_config
 from util.family import adopt_checkpoint_family
-from util.family import adopt_checkpoint_family
 from util.logging import MetricTracker, RunLogger, setup_console
 from util.misc import collate_fn
 from util.preemption import PreemptionHandler, requeue_slurm_job
@@ -268,7 +267,6 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     if args.frozen_weights is not None and not args.masks:
         raise UsageError("--frozen_weights is for the segmentation stage only: add --masks")
-    adopt_checkpoint_family(args)  # --resume without --model: build the checkpoint's family
     adopt_checkpoint_family(args)  # --resume without --model: build the checkpoint's family
     if args.resume == "auto" and not args.output_dir:
         raise UsageError("--resume auto continues from the checkpoints of --output_dir: pass --output_dir")
