@@ -5,10 +5,9 @@ Examples:
     python predict.py --checkpoint https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth photo.jpg \
         --threshold 0.9 --attention_maps
 
-The model is rebuilt from the checkpoint alone: its family (``--model``: DETR, Deformable DETR or DINO, stored
-in the checkpoint or told by its keys), its stored training arguments (missing ones take that family's defaults
-of ``main.get_args_parser``) and the architecture read from the state-dict shapes, so any checkpoint of this
-project or a published one loads with strict=True.
+The model is rebuilt from the checkpoint alone: its stored training arguments (missing ones take the
+defaults of ``main.get_args_parser``) with the architecture read from the state-dict shapes, so any
+checkpoint of this project or a published one loads with strict=True.
 """
 
 from __future__ import annotations
@@ -23,14 +22,13 @@ from typing import Any
 
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from util.checkpoint import CheckpointError, checkpoint_args_to_namespace, load_checkpoint
 from util.class_names import class_name, resolve_class_names
-from util.family import checkpoint_family
 from util.misc import nested_tensor_from_tensor_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -39,63 +37,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # ---------------------------------------------------------------------------------------- the model
 
 
-def _resnet_of(state: Mapping[str, Tensor], prefix: str = "") -> str | None:
-    """The torchvision ResNet whose keys ``{prefix}backbone.0.body.*`` has (None when unknown)."""
-    body = f"{prefix}backbone.0.body."
-    bottleneck = f"{body}layer1.0.conv3.weight" in state
-    layer3 = f"{body}layer3."
-    layer3_blocks = len({k[len(layer3) :].split(".")[0] for k in state if k.startswith(layer3)})
-    backbones = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
-    return backbones.get((bottleneck, layer3_blocks))
-
-
-def _count_layers(state: Mapping[str, Tensor], stack: str) -> int:
-    head = f"transformer.{stack}.layers."
-    return len({k[len(head) :].split(".")[0] for k in state if k.startswith(head)})
-
-
-def _infer_deformable(state: Mapping[str, Tensor], family: str) -> dict[str, Any]:
-    """Architecture flags of a Deformable DETR or DINO state dict (per-layer heads ``class_embed.{l}``)."""
-    if "class_embed.0.weight" not in state or "transformer.level_embed" not in state:
-        raise ValueError(f"state dict has no class_embed.0/transformer.level_embed: not a {family} checkpoint")
-    classes = state["class_embed.0.weight"]
-    arch = {
-        "num_classes": classes.shape[0],  # sigmoid classes: no "no object" logit
-        "hidden_dim": classes.shape[1],
-        "num_feature_levels": state["transformer.level_embed"].shape[0],
-        "dim_feedforward": state["transformer.encoder.layers.0.linear1.weight"].shape[0],
-        "enc_layers": _count_layers(state, "encoder"),
-        "dec_layers": _count_layers(state, "decoder"),
-        "backbone": _resnet_of(state),
-        "num_queries": None,  # two-stage Deformable DETR: the proposal count is not a weight
-    }
-    if family == "dino":
-        arch["num_queries"] = state["transformer.tgt_embed.weight"].shape[0]
-        arch["dn_labelbook_size"] = state["label_enc.weight"].shape[0] - 1
-        return arch
-    arch["two_stage"] = "transformer.enc_output.weight" in state
-    arch["with_box_refine"] = "transformer.decoder.bbox_embed.0.layers.0.weight" in state
-    if "query_embed.weight" in state:
-        arch["num_queries"] = state["query_embed.weight"].shape[0]
-    return arch
-
-
-def infer_architecture(state: Mapping[str, Tensor], family: str | None = None) -> dict[str, Any]:
-    """Architecture flags implied by a state dict's keys and shapes.
-
-    Args:
-        state: DETR, DETRsegm, Deformable DETR or DINO state dict.
-        family: its ``--model``; None: told by the keys (``util.family.checkpoint_family``).
+def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Architecture flags implied by a DETR (or DETRsegm) state dict's keys and shapes.
 
     Returns:
-        DETR: values for num_classes, num_queries, hidden_dim, dim_feedforward, enc_layers, dec_layers, pre_norm,
-        masks, position_embedding and backbone; Deformable DETR / DINO: num_classes, hidden_dim,
-        num_feature_levels, dim_feedforward, layers, backbone, num_queries and the refinement / two-stage
-        (DINO: dn_labelbook_size) switches. None where the keys do not say (e.g. an unknown ResNet).
+        Values for num_classes, num_queries, hidden_dim, dim_feedforward, enc_layers, dec_layers, pre_norm,
+        masks, position_embedding and backbone (None where the keys do not say, e.g. an unknown ResNet).
     """
-    family = family or checkpoint_family({"model": state})
-    if family != "detr":
-        return _infer_deformable(state, family)
     prefix = "detr." if any(k.startswith("detr.") for k in state) else ""
     if f"{prefix}class_embed.weight" not in state or f"{prefix}query_embed.weight" not in state:
         raise ValueError("state dict has no class_embed/query_embed: not a DETR checkpoint")
@@ -104,6 +52,11 @@ def infer_architecture(state: Mapping[str, Tensor], family: str | None = None) -
         head = f"{prefix}transformer.{stack}.layers."
         return len({k[len(head) :].split(".")[0] for k in state if k.startswith(head)})
 
+    body = f"{prefix}backbone.0.body."
+    bottleneck = f"{body}layer1.0.conv3.weight" in state
+    layer3 = f"{body}layer3."
+    layer3_blocks = len({k[len(layer3) :].split(".")[0] for k in state if k.startswith(layer3)})
+    backbones = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
     query = state[f"{prefix}query_embed.weight"]
     return {
         "num_classes": state[f"{prefix}class_embed.weight"].shape[0] - 1,
@@ -117,7 +70,7 @@ def infer_architecture(state: Mapping[str, Tensor], family: str | None = None) -
         "pre_norm": f"{prefix}transformer.encoder.norm.weight" in state,
         "masks": bool(prefix),
         "position_embedding": "learned" if f"{prefix}backbone.1.row_embed.weight" in state else "sine",
-        "backbone": _resnet_of(state, prefix),
+        "backbone": backbones.get((bottleneck, layer3_blocks)),
     }
 
 
@@ -128,15 +81,13 @@ def model_args_from_checkpoint(checkpoint: Mapping[str, Any], device: str = "cpu
     """
     from main import get_args_parser
 
-    if "model" not in checkpoint or not isinstance(checkpoint["model"], Mapping):
-        raise ValueError("checkpoint has no 'model' state dict")
-    family = checkpoint_family(checkpoint)
-    args = get_args_parser().parse_args(["--model", family])
+    args = get_args_parser().parse_args([])
     stored = checkpoint_args_to_namespace(checkpoint.get("args"))
     if stored is not None:
         vars(args).update(vars(stored))
-    args.model = family  # published files store no --model
-    for key, value in infer_architecture(checkpoint["model"], family).items():
+    if "model" not in checkpoint or not isinstance(checkpoint["model"], Mapping):
+        raise ValueError("checkpoint has no 'model' state dict")
+    for key, value in infer_architecture(checkpoint["model"]).items():
         if value is not None:
             setattr(args, key, value)
     args.backbone_weights = "none"
@@ -157,7 +108,9 @@ def load_model(
     """
     from models import build_model
 
-    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
+    checkpoint = (
+        checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path, hint="check the --checkpoint path")
+    )
     args = model_args_from_checkpoint(checkpoint, device=device)
     model, _, postprocessors = build_model(args)
     try:
@@ -204,6 +157,22 @@ def eval_transform(image: Image.Image, input_scale: float = 1.0) -> Tensor:
     return _val_transform(float(input_scale))(image, None)[0]
 
 
+def check_device(name: str | None) -> str:
+    """``--device`` as a torch device string: None picks cuda when available, else cpu.
+
+    Raises:
+        ValueError: an explicit device this machine lacks (one line saying what to pass instead).
+    """
+    from util.distributed import DeviceError, select_device
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return str(select_device(name, explicit=True))
+    except DeviceError as err:
+        raise ValueError(str(err)) from None
+
+
 def open_rgb(path: Path) -> Image.Image:
     """Open ``path`` as RGB, with a clear error for unreadable files."""
     try:
@@ -246,16 +215,42 @@ def to_coco_results(image_id: int, file_name: str, detections: Mapping[str, Tens
     return entries
 
 
+def label_font_size(width: int, height: int) -> int:
+    """Label font size in pixels for a ``width`` x ``height`` image: 1/30 of the short side, 8 to 40."""
+    return int(min(max(round(min(width, height) / 30), 8), 40))
+
+
+def label_position(text_size: tuple[int, int], box: Sequence[float], image_size: tuple[int, int]) -> tuple[int, int]:
+    """Top-left corner of a ``text_size`` (w, h) label for ``box`` (x0y0x1y1): above the box, or inside its top
+    edge when there is no room above; always inside the ``image_size`` (w, h) image."""
+    (text_w, text_h), (width, height) = text_size, image_size
+    x0, y0 = box[0], box[1]
+    y = y0 - text_h if y0 - text_h >= 0 else y0
+    x = min(max(x0, 0), max(width - text_w, 0))
+    return int(x), int(min(max(y, 0), max(height - text_h, 0)))
+
+
 def draw_detections(image: Image.Image, detections: Mapping[str, Tensor], names: Mapping) -> Tensor:
-    """uint8 [3, H, W] image with boxes, class names and scores drawn (one colour per class)."""
+    """uint8 [3, H, W] image with boxes, class names and scores drawn (one colour per class).
+
+    The font scales with the image (`label_font_size`) and every label stays inside it (`label_position`).
+    """
     canvas = TF.pil_to_tensor(image)
     if len(detections["boxes"]) == 0:
         return canvas
     labels = [f"{class_name(names, lab)} {s:.2f}" for lab, s in zip(detections["labels"], detections["scores"])]
     palette = ["red", "lime", "blue", "yellow", "cyan", "magenta", "orange", "white"]
     colors = [palette[int(lab) % len(palette)] for lab in detections["labels"]]
-    width = max(2, round(max(image.size) / 300))
-    return draw_bounding_boxes(canvas, detections["boxes"], labels=labels, colors=colors, width=width)
+    width = max(1, round(min(image.size) / 200))
+    drawn = TF.to_pil_image(draw_bounding_boxes(canvas, detections["boxes"], colors=colors, width=width))
+    draw = ImageDraw.Draw(drawn)
+    font = ImageFont.load_default(size=label_font_size(*image.size))
+    for text, color, box in zip(labels, colors, detections["boxes"].tolist()):
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        x, y = label_position((right - left, bottom - top), box, image.size)
+        draw.rectangle((x, y, x + right - left, y + bottom - top), fill=color)
+        draw.text((x - left, y - top), text, fill="black", font=font)
+    return TF.pil_to_tensor(drawn)
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:
@@ -292,7 +287,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 drawn = draw_detections(image, kept, names)
                 TF.to_pil_image(drawn).save(output_dir / f"{stems[image_id]}.png")
             if args.attention_maps:
-                from tools.visualize_attention import save_attention_maps
+                from tools.attention_maps import save_attention_maps
 
                 save_attention_maps(
                     model,
@@ -318,7 +313,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
     parser.add_argument("--output_dir", default="predictions", help="where predictions.json and the PNGs go")
     parser.add_argument("--threshold", type=float, default=0.7, help="keep detections with a higher score")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: cuda when available)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--categories", default=None, help="JSON with category names (COCO annotation file or list)")
     parser.add_argument("--no_images", action="store_true", help="write predictions.json only")
@@ -346,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if not 0.0 <= args.threshold < 1.0:
         raise SystemExit(f"error: --threshold must be in [0, 1), got {args.threshold}")
     try:
+        args.device = check_device(args.device)
         return run(args)
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from err

@@ -374,10 +374,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--val_size", type=int, default=DEFAULT_VAL_SIZE)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    if args.out is None:
-        path = ensure_synthetic_dataset(None, args.train_size, args.val_size)
-    else:
-        path = generate_synthetic_dataset(args.out, args.train_size, args.val_size)
+    try:
+        if args.out is None:
+            path = ensure_synthetic_dataset(None, args.train_size, args.val_size)
+        else:
+            path = generate_synthetic_dataset(args.out, args.train_size, args.val_size)
+    except DatasetError as err:  # e.g. --out naming a folder with other content: one line, no traceback
+        raise SystemExit(f"error: {err}") from None
     print(f"{path} ({time.perf_counter() - start:.1f} s)")
     return path
 

@@ -183,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     """Export, optionally check; returns the measured differences with --check. Bad input exits with one line."""
     args = get_args_parser().parse_args(argv)
     from predict import load_model
+    from util.checkpoint import CheckpointError
 
     try:
         model = load_model(args.checkpoint, device="cpu")[0]
@@ -197,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             args.opset,
             args.exporter,
         )
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
+    except (FileNotFoundError, ValueError, CheckpointError) as err:  # e.g. a missing --checkpoint: one line
+        raise SystemExit(f"error: {err}") from None
     print(f"wrote {path}")
     if not args.check:
         return None
