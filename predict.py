@@ -5,9 +5,10 @@ Examples:
     python predict.py --checkpoint https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth photo.jpg \
         --threshold 0.9 --attention_maps
 
-The model is rebuilt from the checkpoint alone: its stored training arguments (missing ones take the
-defaults of ``main.get_args_parser``) with the architecture read from the state-dict shapes, so any
-checkpoint of this project or a published one loads with strict=True.
+The model is rebuilt from the checkpoint alone: its family (``--model``: DETR, Deformable DETR or DINO, stored
+in the checkpoint or told by its keys), its stored training arguments (missing ones take that family's defaults
+of ``main.get_args_parser``) and the architecture read from the state-dict shapes, so any checkpoint of this
+project or a published one loads with strict=True.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from util.checkpoint import CheckpointError, checkpoint_args_to_namespace, load_checkpoint
 from util.class_names import class_name, resolve_class_names
+from util.family import checkpoint_family
 from util.misc import nested_tensor_from_tensor_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -37,13 +39,63 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # ---------------------------------------------------------------------------------------- the model
 
 
-def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Architecture flags implied by a DETR (or DETRsegm) state dict's keys and shapes.
+def _resnet_of(state: Mapping[str, Tensor], prefix: str = "") -> str | None:
+    """The torchvision ResNet whose keys ``{prefix}backbone.0.body.*`` has (None when unknown)."""
+    body = f"{prefix}backbone.0.body."
+    bottleneck = f"{body}layer1.0.conv3.weight" in state
+    layer3 = f"{body}layer3."
+    layer3_blocks = len({k[len(layer3) :].split(".")[0] for k in state if k.startswith(layer3)})
+    backbones = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+    return backbones.get((bottleneck, layer3_blocks))
+
+
+def _count_layers(state: Mapping[str, Tensor], stack: str) -> int:
+    head = f"transformer.{stack}.layers."
+    return len({k[len(head) :].split(".")[0] for k in state if k.startswith(head)})
+
+
+def _infer_deformable(state: Mapping[str, Tensor], family: str) -> dict[str, Any]:
+    """Architecture flags of a Deformable DETR or DINO state dict (per-layer heads ``class_embed.{l}``)."""
+    if "class_embed.0.weight" not in state or "transformer.level_embed" not in state:
+        raise ValueError(f"state dict has no class_embed.0/transformer.level_embed: not a {family} checkpoint")
+    classes = state["class_embed.0.weight"]
+    arch = {
+        "num_classes": classes.shape[0],  # sigmoid classes: no "no object" logit
+        "hidden_dim": classes.shape[1],
+        "num_feature_levels": state["transformer.level_embed"].shape[0],
+        "dim_feedforward": state["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        "enc_layers": _count_layers(state, "encoder"),
+        "dec_layers": _count_layers(state, "decoder"),
+        "backbone": _resnet_of(state),
+        "num_queries": None,  # two-stage Deformable DETR: the proposal count is not a weight
+    }
+    if family == "dino":
+        arch["num_queries"] = state["transformer.tgt_embed.weight"].shape[0]
+        arch["dn_labelbook_size"] = state["label_enc.weight"].shape[0] - 1
+        return arch
+    arch["two_stage"] = "transformer.enc_output.weight" in state
+    arch["with_box_refine"] = "transformer.decoder.bbox_embed.0.layers.0.weight" in state
+    if "query_embed.weight" in state:
+        arch["num_queries"] = state["query_embed.weight"].shape[0]
+    return arch
+
+
+def infer_architecture(state: Mapping[str, Tensor], family: str | None = None) -> dict[str, Any]:
+    """Architecture flags implied by a state dict's keys and shapes.
+
+    Args:
+        state: DETR, DETRsegm, Deformable DETR or DINO state dict.
+        family: its ``--model``; None: told by the keys (``util.family.checkpoint_family``).
 
     Returns:
-        Values for num_classes, num_queries, hidden_dim, dim_feedforward, enc_layers, dec_layers, pre_norm,
-        masks, position_embedding and backbone (None where the keys do not say, e.g. an unknown ResNet).
+        DETR: values for num_classes, num_queries, hidden_dim, dim_feedforward, enc_layers, dec_layers, pre_norm,
+        masks, position_embedding and backbone; Deformable DETR / DINO: num_classes, hidden_dim,
+        num_feature_levels, dim_feedforward, layers, backbone, num_queries and the refinement / two-stage
+        (DINO: dn_labelbook_size) switches. None where the keys do not say (e.g. an unknown ResNet).
     """
+    family = family or checkpoint_family({"model": state})
+    if family != "detr":
+        return _infer_deformable(state, family)
     prefix = "detr." if any(k.startswith("detr.") for k in state) else ""
     if f"{prefix}class_embed.weight" not in state or f"{prefix}query_embed.weight" not in state:
         raise ValueError("state dict has no class_embed/query_embed: not a DETR checkpoint")
@@ -52,11 +104,6 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
         head = f"{prefix}transformer.{stack}.layers."
         return len({k[len(head) :].split(".")[0] for k in state if k.startswith(head)})
 
-    body = f"{prefix}backbone.0.body."
-    bottleneck = f"{body}layer1.0.conv3.weight" in state
-    layer3 = f"{body}layer3."
-    layer3_blocks = len({k[len(layer3) :].split(".")[0] for k in state if k.startswith(layer3)})
-    backbones = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
     query = state[f"{prefix}query_embed.weight"]
     return {
         "num_classes": state[f"{prefix}class_embed.weight"].shape[0] - 1,
@@ -70,7 +117,7 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
         "pre_norm": f"{prefix}transformer.encoder.norm.weight" in state,
         "masks": bool(prefix),
         "position_embedding": "learned" if f"{prefix}backbone.1.row_embed.weight" in state else "sine",
-        "backbone": backbones.get((bottleneck, layer3_blocks)),
+        "backbone": _resnet_of(state, prefix),
     }
 
 
@@ -81,13 +128,15 @@ def model_args_from_checkpoint(checkpoint: Mapping[str, Any], device: str = "cpu
     """
     from main import get_args_parser
 
-    args = get_args_parser().parse_args([])
+    if "model" not in checkpoint or not isinstance(checkpoint["model"], Mapping):
+        raise ValueError("checkpoint has no 'model' state dict")
+    family = checkpoint_family(checkpoint)
+    args = get_args_parser().parse_args(["--model", family])
     stored = checkpoint_args_to_namespace(checkpoint.get("args"))
     if stored is not None:
         vars(args).update(vars(stored))
-    if "model" not in checkpoint or not isinstance(checkpoint["model"], Mapping):
-        raise ValueError("checkpoint has no 'model' state dict")
-    for key, value in infer_architecture(checkpoint["model"]).items():
+    args.model = family  # published files store no --model
+    for key, value in infer_architecture(checkpoint["model"], family).items():
         if value is not None:
             setattr(args, key, value)
     args.backbone_weights = "none"
