@@ -9,10 +9,11 @@ command line (or in a ``--config`` YAML) always win.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["FAMILY_DEFAULTS", "FamilyArgumentParser", "apply_family_defaults", "get_args_parser"]
 
@@ -69,6 +70,18 @@ class FamilyArgumentParser(argparse.ArgumentParser):
             present, _ = super().parse_known_args(argv, probe)
             apply_family_defaults(parsed, {d for d, v in vars(present).items() if v is not _UNSET})
         return parsed, extras
+
+    def error(self, message: str) -> NoReturn:
+        """One short line instead of the whole usage: an unknown flag gets the closest known flag suggested."""
+        if message.startswith("unrecognized arguments:"):
+            message = "; ".join(self._unknown_flag_hint(token) for token in message.split(":", 1)[1].split()
+                                if token.startswith("-")) or message  # fmt: skip
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+    def _unknown_flag_hint(self, token: str) -> str:
+        flag = token.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, [o for o in self._option_string_actions if o.startswith("--")], n=1)
+        return f"unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else "")
 
     @staticmethod
     def apply_family_defaults(args: argparse.Namespace, explicit: set[str] | frozenset[str]) -> argparse.Namespace:
