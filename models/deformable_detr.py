@@ -20,9 +20,20 @@ from .backbone import Backbone, Joiner, _downsample_mask_nearest
 from .box_refinement import refine_boxes
 from .deformable_transformer import DeformableTransformer
 from .detr import MLP
+from .focal_criterion import FocalSetCriterion as SetCriterion  # published names
 from .position_encoding import build_position_encoding
+from .postprocess import PostProcessTopK as PostProcess
 
-__all__ = ["MLP", "DeformableDETR", "build", "build_multiscale_backbone", "build_input_proj", "init_detection_heads"]
+__all__ = [
+    "PostProcess",
+    "SetCriterion",
+    "MLP",
+    "DeformableDETR",
+    "build",
+    "build_multiscale_backbone",
+    "build_input_proj",
+    "init_detection_heads",
+]
 
 
 def build_input_proj(backbone_channels: list[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
@@ -154,13 +165,17 @@ class DeformableDETR(nn.Module):
 
 
 def build_multiscale_backbone(args: argparse.Namespace, stage_indices: list[int]) -> Joiner:
-    """Backbone returning ResNet stages ``stage_indices`` (0 = layer1), with the family's position encoding."""
+    """Backbone returning ResNet stages ``stage_indices`` (0 = layer1), with the family's position encoding.
+
+    ``--backbone_stages`` (this project's truncated ResNet, e.g. for the CPU demos) keeps only the stages below it.
+    """
     backbone = Backbone(
         args.backbone,
         train_backbone=args.lr_backbone > 0,
         return_interm_layers=len(stage_indices) > 1,
         dilation=args.dilation,
         weights=getattr(args, "backbone_weights", "imagenet"),
+        stages=getattr(args, "backbone_stages", 4),
         return_interm_indices=stage_indices,
     )
     return Joiner(backbone, build_position_encoding(args))
@@ -174,7 +189,6 @@ def check_deformable_args(args: argparse.Namespace) -> None:
         "--pre_norm": args.pre_norm,
         "--box_refine (use --with_box_refine)": getattr(args, "box_refine", False),
         f"--spatial_prior {getattr(args, 'spatial_prior', 'none')}": getattr(args, "spatial_prior", "none") != "none",
-        f"--backbone_stages {getattr(args, 'backbone_stages', 4)}": getattr(args, "backbone_stages", 4) != 4,
         "--position_embedding learned": args.position_embedding in ("learned", "v3"),
     }
     for flag, given in conflicts.items():
@@ -195,7 +209,9 @@ def build(args: argparse.Namespace):
     check_deformable_args(args)
     if args.num_feature_levels == 2:
         raise ValueError("--num_feature_levels 2: Deformable DETR uses 1 (single-scale) or >= 3 levels")
-    stage_indices = [1, 2, 3] if args.num_feature_levels > 1 else [3]
+    stages = getattr(args, "backbone_stages", 4)
+    # Published: C3-C5 (layer2-4) for multi-scale, C5 alone for single-scale; a truncated ResNet keeps what it has.
+    stage_indices = [i for i in (1, 2, 3) if i < stages] if args.num_feature_levels > 1 else [stages - 1]
     transformer = DeformableTransformer(
         d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
         num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,

@@ -37,9 +37,11 @@ from .deformable_transformer import (
 )
 from .denoising import dn_post_process, prepare_for_cdn
 from .detr import MLP
+from .dino_criterion import DINOCriterion as SetCriterion  # published names
 from .ms_deform_attn import MSDeformAttn
+from .postprocess import PostProcessTopK as PostProcess
 
-__all__ = ["DINO", "DINODecoder", "DINOTransformer", "build"]
+__all__ = ["PostProcess", "SetCriterion", "DINO", "DINODecoder", "DINOTransformer", "build"]
 
 
 class DINODecoder(nn.Module):
