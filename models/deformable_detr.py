@@ -25,14 +25,15 @@ from .position_encoding import build_position_encoding
 from .postprocess import PostProcessTopK as PostProcess
 
 __all__ = [
-    "PostProcess",
-    "SetCriterion",
     "MLP",
     "DeformableDETR",
+    "PostProcess",
+    "SetCriterion",
     "build",
-    "build_multiscale_backbone",
     "build_input_proj",
+    "build_multiscale_backbone",
     "init_detection_heads",
+    "project_levels",
 ]
 
 
