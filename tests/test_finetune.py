@@ -102,3 +102,67 @@ def test_detection_checkpoint_into_segmentation_model_and_back(tmp_path, capsys)
     head = sum(k.startswith(("bbox_attention.", "mask_head.")) for k in segm.state_dict())
     assert f"ignored {head} mask-head tensors" in capsys.readouterr().out
     _assert_from_checkpoint(detector, {k[5:]: v for k, v in segm.state_dict().items() if k.startswith("detr.")})
+
+
+# ------------------------------------------------------------------------------------- Deformable DETR
+
+DEFORMABLE = ("--model", "deformable_detr")
+VARIANTS = {"plain": (), "refine": ("--with_box_refine",), "two_stage": ("--with_box_refine", "--two_stage")}
+
+
+def _class_heads(num_pred: int, two_stage: bool) -> list[str]:
+    names = [f"class_embed.{layer}.{p}" for layer in range(num_pred) for p in ("weight", "bias")]
+    return names + ([f"transformer.decoder.{n}" for n in names] if two_stage else [])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_deformable_91_class_checkpoint_to_5_classes(tmp_path, capsys, variant):
+    """Every per-layer class head is re-initialised (and listed); shared heads stay shared; the rest is loaded."""
+    flags = (*DEFORMABLE, *VARIANTS[variant])
+    two_stage = variant == "two_stage"
+    path, source = _save(tmp_path, *flags)  # default dataset_file coco: 91 classes
+    model = _target(*flags, "--num_classes", "5", "--num_queries", "7")
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    reinit = load_for_finetuning(model, str(path), keep_initial=True)
+
+    num_pred = 2 + two_stage  # tiny: 2 decoder layers (+ the two-stage proposal head)
+    expected = _class_heads(num_pred, two_stage) + ([] if two_stage else ["query_embed.weight"])
+    assert sorted(reinit) == sorted(expected)
+    _assert_from_checkpoint(model, source, skip=reinit)
+    state = model.state_dict()
+    for name in reinit:  # the fresh build's values: the focal prior on every class bias
+        torch.testing.assert_close(state[name], fresh[name], rtol=0, atol=0, msg=name)
+    prior = -math.log((1 - 0.01) / 0.01)
+    assert all(torch.allclose(state[f"class_embed.{i}.bias"], torch.full((5,), prior)) for i in range(num_pred))
+
+    printed = capsys.readouterr().out
+    assert f"{len(reinit)} not loaded" in printed and printed.count("re-initialised") == len(reinit)
+    for name in _class_heads(num_pred, two_stage):
+        shape = "91, 32" if name.endswith("weight") else "91"
+        assert f"re-initialised {name} (checkpoint [{shape}] -> model [5" in printed
+
+    heads, decoder = model.class_embed, model.transformer.decoder
+    if variant == "plain":  # one head under every index
+        assert all(head is heads[0] for head in heads)
+        assert len({state[f"class_embed.{i}.weight"].data_ptr() for i in range(num_pred)}) == 1
+    else:  # independent copies, the decoder's entries the very same modules
+        assert len({id(head) for head in heads}) == num_pred
+        assert all(a is b for a, b in zip(decoder.bbox_embed, model.bbox_embed))
+    if two_stage:
+        assert all(decoder.class_embed[i].weight is heads[i].weight for i in range(num_pred))
+        assert state["transformer.decoder.class_embed.1.bias"].data_ptr() == state["class_embed.1.bias"].data_ptr()
+
+
+def test_deformable_finetune_through_load_weights_keeps_the_focal_prior(tmp_path, capsys):
+    """--finetune of a Deformable DETR run: the class heads are not reset to nn.Linear's default bias."""
+    from types import SimpleNamespace
+
+    from util.run_state import load_weights
+
+    path, _ = _save(tmp_path, *DEFORMABLE)
+    args = parse_tiny_args(*DEFORMABLE, "--num_classes", "5", "--finetune", str(path))
+    model = _target(*DEFORMABLE, "--num_classes", "5")
+    assert load_weights(args, SimpleNamespace(model=model)) == 0
+    prior = -math.log((1 - 0.01) / 0.01)
+    torch.testing.assert_close(model.class_embed[0].bias, torch.full((5,), prior))
+    assert "re-initialised class_embed.1.weight (checkpoint [91, 32] -> model [5, 32])" in capsys.readouterr().out

@@ -2,8 +2,10 @@
 
 Every checkpoint tensor whose name and shape match is copied; tensors whose shape differs are allowed
 only in the heads that depend on the dataset or the query count, and get their module's own
-initialisation (``reset_parameters``). Anything else that does not fit means the checkpoint comes from
-another architecture, which is an error rather than a silent partial load.
+initialisation (``reset_parameters``), or keep the freshly built model's values (``keep_initial``: the
+Deformable DETR / DINO class heads start at the focal-loss prior, which ``reset_parameters`` would lose).
+Anything else that does not fit means the checkpoint comes from another architecture, which is an error
+rather than a silent partial load.
 """
 
 from __future__ import annotations
@@ -16,15 +18,21 @@ from torch import Tensor, nn
 from util.checkpoint import load_checkpoint
 
 #: Name prefixes of tensors that may change shape between the checkpoint and the fine-tuned model:
-#: the class head (num_classes + 1 outputs) and the query embedding (num_queries rows).
-HEAD_PREFIXES: tuple[str, ...] = ("class_embed.", "query_embed.")
+#: the class heads (DETR's num_classes + 1 outputs; the per-layer heads ``class_embed.{l}`` of Deformable DETR and
+#: DINO, also listed inside the decoder by two-stage / DINO models; DINO's encoder head and denoising label
+#: embedding) and the query embeddings (num_queries rows).
+HEAD_PREFIXES: tuple[str, ...] = (
+    "class_embed.", "query_embed.", "transformer.decoder.class_embed.", "transformer.enc_out_class_embed.",
+    "label_enc.", "transformer.tgt_embed.",
+)  # fmt: skip
 
 # A segmentation model (DETRsegm) wraps the detector under "detr."; these belong to its mask head only.
 _SEGM_PREFIX = "detr."
 _MASK_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")
 
 _ARCH_FLAGS = (
-    "--backbone, --hidden_dim, --dim_feedforward, --enc_layers, --dec_layers, --pre_norm, --position_embedding"
+    "--model, --backbone, --hidden_dim, --dim_feedforward, --enc_layers, --dec_layers, --pre_norm, "
+    "--position_embedding (Deformable DETR / DINO: --num_feature_levels, --with_box_refine, --two_stage)"
 )
 
 
@@ -37,6 +45,7 @@ def load_for_finetuning(
     path_or_url: str,
     reinit_prefixes: Sequence[str] = HEAD_PREFIXES,
     verbose: bool = True,
+    keep_initial: bool = False,
 ) -> list[str]:
     """Initialise ``model`` from a checkpoint for fine-tuning on another dataset.
 
@@ -48,6 +57,8 @@ def load_for_finetuning(
             skipped, with a message).
         reinit_prefixes: tensors allowed to differ in shape (after an optional "detr." prefix).
         verbose: print one summary line and one line per tensor that was not loaded.
+        keep_initial: mismatched tensors keep the model's current (freshly built) values instead of being reset
+            with ``reset_parameters``. Tensors a model lists under several names stay shared either way.
 
     Returns:
         Names of the model's tensors that were NOT taken from the checkpoint, in state-dict order: those
@@ -77,7 +88,8 @@ def load_for_finetuning(
             f"the checkpoint comes from another architecture: match {_ARCH_FLAGS}"
         )
 
-    _reset_owners(model, mismatched)
+    if not keep_initial:
+        _reset_owners(model, mismatched)
     loadable = {k: v for k, v in state.items() if k not in set(mismatched)}
     with torch.no_grad():
         model.load_state_dict(loadable, strict=False)

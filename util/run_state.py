@@ -137,7 +137,8 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
     if args.finetune:
         from util.finetune import load_for_finetuning  # usage-side helper; only fine-tuning runs need it
 
-        load_for_finetuning(state.model, args.finetune)
+        # Deformable DETR / DINO: re-initialised class heads keep the fresh build's focal prior (bias -4.6).
+        load_for_finetuning(state.model, args.finetune, keep_initial=getattr(args, "model", "detr") != "detr")
     return 0
 
 
