@@ -103,12 +103,24 @@ def export_distributed_env(env: Any) -> None:
         os.environ.setdefault(key, value)
 
 
+def _require_slurm(cluster: str) -> None:
+    """Exit with one line off a SLURM cluster (submitit would run the job here, in a literal '%j' folder)."""
+    if cluster != "slurm":
+        raise SystemExit(
+            f"error: no SLURM cluster here (submitit found '{cluster}': sbatch/srun are not on PATH); "
+            "run_with_submitit.py only submits SLURM jobs: train locally with python main.py or torchrun"
+        )
+
+
 def submit(args: argparse.Namespace) -> Any:
     """Submit the training job; returns the submitit Job."""
     submitit = import_submitit()
+    which = getattr(submitit.AutoExecutor, "which", None)  # 'slurm', or 'local'/'debug' off a cluster
+    _require_slurm(which() if callable(which) else "slurm")
     job_dir = Path(args.job_dir).expanduser().absolute()
     args.job_dir = str(job_dir)
     executor = submitit.AutoExecutor(folder=str(job_dir), slurm_max_num_timeout=args.max_requeues)
+    _require_slurm(getattr(executor, "cluster", "slurm"))
     params: dict[str, Any] = {
         "gpus_per_node": args.ngpus,
         "tasks_per_node": args.ngpus,

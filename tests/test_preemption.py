@@ -186,6 +186,20 @@ def test_launcher_submits_one_task_per_gpu(monkeypatch, tmp_path):
     assert isinstance(record["submitted"], run_with_submitit.Trainer)
 
 
+def test_launcher_off_slurm_is_one_line_and_creates_no_job_folder(monkeypatch, tmp_path):
+    """Issue 15: off a cluster submitit ran the job locally in a literal '%j' folder, silently."""
+    import run_with_submitit
+
+    fake, record = _fake_submitit()
+    fake.AutoExecutor.which = staticmethod(lambda: "local")
+    monkeypatch.setitem(sys.modules, "submitit", fake)
+    with pytest.raises(SystemExit) as info:
+        run_with_submitit.main(["--job_dir", str(tmp_path / "jobs" / "%j")])
+    message = str(info.value.code)
+    assert message.startswith("error: no SLURM cluster here") and "python main.py" in message
+    assert "submitted" not in record and not (tmp_path / "jobs").exists()
+
+
 def test_checkpoint_requeues_with_resume_auto(monkeypatch):
     import run_with_submitit
 
