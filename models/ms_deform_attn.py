@@ -2,11 +2,12 @@
 
 No compiled extension: the core runs on CPU, CUDA and MPS. Two kernels compute the same numbers:
 
-- ``'gather'`` (default): bilinear sampling over the whole flattened value at once. The 4 corner weights of
-  every sampling point are folded into its attention weight, so one ``index_select`` of value rows and one
-  small matmul per query give the output; a custom autograd function recomputes the indices in backward and
-  scatters the value gradient with ``index_add_``. Queries are processed in chunks so no intermediate grows
-  with Q (peak memory stays below the reference's).
+- ``'gather'`` (default): bilinear sampling over the whole flattened value at once. Each level is
+  zero-padded (so out-of-map corners read zeros without bounds tests), the 4 corner weights of every point
+  are folded into its attention weight, and one ``F.embedding_bag`` (weighted sum of table rows, fused: the
+  [B, Q, M, L*P*4, D] corner values are never materialised) gives the output. The table gradient sorts the
+  points once and accumulates the transposed bags; no Python loop over queries, one over levels only.
+  On MPS (no embedding_bag) the same rows are gathered explicitly.
 - ``'grid_sample'``: the straightforward per-level ``F.grid_sample`` formulation, kept as the executable
   reference. It is also used automatically under ``torch.onnx.export``/``torch.export``/``torch.jit``
   tracing (ONNX GridSample, opset >= 16), where the level sizes must be known ints.
@@ -30,6 +31,9 @@ from torch import Tensor, nn
 __all__ = ["MSDA_KERNELS", "MSDeformAttn", "ms_deform_attn_core"]
 
 MSDA_KERNELS = ("gather", "grid_sample")
+
+# Devices with F.embedding_bag (per_sample_weights); elsewhere (MPS) the corner rows are gathered explicitly.
+_FUSED_DEVICES = ("cpu", "cuda")
 
 SpatialShapes = Tensor | Sequence[tuple[int, int]]
 
@@ -185,12 +189,12 @@ def _gather_core(
     shapes = _shapes_as_ints(spatial_shapes)
     table = _padded_table(value, shapes)
     rows, weights = _corner_rows_and_weights(shapes, b, sampling_locations, attention_weights)
-    if value.device.type in ("cpu", "cuda"):
+    if value.device.type in _FUSED_DEVICES:
         # Row ranges of the levels within one image's block of the table, and each level's corner steps.
         bounds = torch.tensor([0] + [(h + 3) * (w + 3) * m for h, w in shapes]).cumsum(0).tolist()
         segments = [(a, z, [m, (w + 3) * m, (w + 4) * m]) for a, z, (_, w) in zip(bounds, bounds[1:], shapes)]
         out = _WeightedRows.apply(table, rows, weights, segments)
-    else:  # embedding_bag is not implemented everywhere (MPS); same numbers with the rows materialised
+    else:
         out = (weights.unsqueeze(-2) @ table[rows]).squeeze(-2)
     return out.view(b, q, m * d)
 
