@@ -46,6 +46,13 @@ VARIANTS: dict[str, dict] = {
 }
 # Published R50: every default of main.py except the offline backbone.
 R50_FLAGS = ["--backbone", "resnet50", "--backbone_weights", "none", "--num_classes", "91"]
+# The published Deformable DETR / DINO R50 recipes (their family defaults), as configs '<family>_512' / '_800'.
+FAMILY_CONFIGS = {
+    "deformable": (["--model", "deformable_detr"], "Deformable DETR R50 multi-scale"),
+    "deformable_two_stage": (["--model", "deformable_detr", "--with_box_refine", "--two_stage"],
+                             "Deformable DETR R50 + refine + two-stage"),
+    "dino": (["--model", "dino"], "DINO R50 4-scale (100 dn queries)"),
+}  # fmt: skip
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 # Used while configs/demo.yaml does not exist: a small ResNet-18 model.
 DEMO_FALLBACK_FLAGS = [
@@ -61,6 +68,11 @@ def _config(name: str) -> tuple[list[str], list[tuple[int, int]], str]:
         return R50_FLAGS, [(800, 1066), (800, 1002)], "R50 published, batch 2, 800x1066 + 800x1002"
     if name == "r50_512":
         return R50_FLAGS, [(512, 683), (512, 619)], "R50 published, batch 2, 512x683 + 512x619"
+    family, _, size = name.rpartition("_")
+    if family in FAMILY_CONFIGS and size in ("512", "800"):
+        flags, description = FAMILY_CONFIGS[family]
+        sizes = [(800, 1066), (800, 1002)] if size == "800" else [(512, 683), (512, 619)]
+        return [*R50_FLAGS, *flags], sizes, f"{description}, batch 2, {sizes[0][0]}x{sizes[0][1]} + ..x{sizes[1][1]}"
     if name == "demo":
         from main import get_args_parser
         from util.config import parse_args_with_config
@@ -77,7 +89,8 @@ def _config(name: str) -> tuple[list[str], list[tuple[int, int]], str]:
         height, width = round(640 * args.input_scale), round(853 * args.input_scale)
         sizes = [(height, width)] * args.batch_size
         return flags, sizes, f"demo ({source}), batch {args.batch_size}, {height}x{width}"
-    raise SystemExit(f"error: unknown config {name!r}; choose from r50_800, r50_512, demo")
+    families = ", ".join(f"{f}_512, {f}_800" for f in FAMILY_CONFIGS)
+    raise SystemExit(f"error: unknown config {name!r}; choose from r50_800, r50_512, demo, {families}")
 
 
 def _make_batch(sizes: list[tuple[int, int]], num_classes: int, boxes_per_image: int = 7):
@@ -178,7 +191,9 @@ def run_variant(config: str, variant: str, iters: int, warmup: int, infer_iters:
     for _ in range(warmup + iters):
         tic, wall_tic = clock(), time.perf_counter()
         with autocast_context(device.type, amp):
-            loss = weighted_loss(model(samples))
+            # DINO's denoising queries are built from the targets (the training loop passes them too).
+            outputs = model(samples, targets) if getattr(model, "needs_targets", False) else model(samples)
+            loss = weighted_loss(outputs)
         optimizer_step(loss, optimizer, scaler, args.clip_max_norm)
         sync()
         step_times.append(clock() - tic)
