@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 import pytest
 from test_coco_dataset import ann, write_coco
 
@@ -10,6 +13,7 @@ import main as main_module
 from datasets.errors import DatasetError
 from util.arguments import get_args_parser
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL_SYNTHETIC = ["--synthetic_train_size", "2", "--synthetic_val_size", "2"]
 
 
@@ -53,3 +57,25 @@ def test_coco_path_naming_a_file_says_so(tmp_path):
     with pytest.raises(DatasetError, match=r"--coco_path .*instances_train2017\.json is a file") as err:
         datasets.build_dataset("train", args)
     assert "json/train2017" not in str(err.value)
+
+
+def _stage1_command(text: str, marker: str) -> list[str]:
+    lines = text[text.index(marker) :].splitlines()[1:]
+    command = ""
+    for line in lines:
+        command += line.lstrip("#").strip().rstrip("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            break
+    words = shlex.split(command)
+    assert words[:2] == ["python", "main.py"], words
+    return words[2:]
+
+
+@pytest.mark.parametrize(
+    "path, marker", [("README.md", "# stage 1"), ("configs/panoptic.yaml", "Stage 1 trains that detector")]
+)
+def test_documented_panoptic_stage1_trains_the_250_panoptic_classes(path, marker):
+    """Issue 15: without --dataset_file coco_panoptic, stage 2 failed on class_embed [14, 64] vs [251, 64]."""
+    args = main_module.parse_args(_stage1_command((ROOT / path).read_text(), marker))
+    assert args.dataset_file == "coco_panoptic" and args.coco_panoptic_path
+    assert datasets.num_classes_for(args) == 250
