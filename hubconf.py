@@ -8,6 +8,10 @@ file when ``backbone_weights`` says so. ``pretrained=True`` downloads the publis
 torch hub cache) and loads them with strict=True; another ``num_classes`` keeps every weight but the class head
 (see ``util.finetune.load_for_finetuning``). Models are returned in training mode, as ``nn.Module``s are:
 call ``model.eval()`` before inference.
+
+Deformable DETR: ``deformable_detr_resnet50`` (multi-scale), ``_single_scale``, ``_single_scale_dc5``, ``_refine``
+and ``_two_stage`` build the published recipes offline; the authors' weights have no direct download URL, so
+``pretrained=True`` needs ``checkpoint='local/file.pth'`` (without it, a ValueError says where to get them).
 """
 
 from __future__ import annotations
@@ -260,3 +264,133 @@ def detr_resnet101_panoptic(
         backbone_weights,
         **overrides,
     )
+
+
+# ------------------------------------------------------------------------------------------ Deformable DETR
+
+# The five published R50 recipes (Zhu et al., ICLR 2021; box AP on COCO val2017 after 50 epochs as published).
+DEFORMABLE_RECIPES = {
+    "deformable_detr_resnet50": {},  # 44.5
+    "deformable_detr_resnet50_single_scale": {"num_feature_levels": 1},  # 39.4
+    "deformable_detr_resnet50_single_scale_dc5": {"num_feature_levels": 1, "dilation": True},  # 41.5
+    "deformable_detr_resnet50_refine": {"with_box_refine": True},  # 46.2
+    "deformable_detr_resnet50_two_stage": {"with_box_refine": True, "two_stage": True},  # 46.9
+}
+DEFORMABLE_ZOO = "https://github.com/fundamentalvision/Deformable-DETR"
+
+
+def _deformable(name, pretrained, num_classes, return_postprocessor, backbone_weights, checkpoint, **overrides):
+    """Build a Deformable DETR recipe offline; load ``checkpoint`` (a local file) when given."""
+    from main import get_args_parser
+    from models import build_model
+
+    if pretrained and checkpoint is None:
+        # The authors publish these weights on Google Drive only: no direct URL torch.hub could fetch.
+        raise ValueError(
+            f"{name}(pretrained=True): the authors' weights have no direct download URL (Google Drive, see "
+            f"{DEFORMABLE_ZOO}); download this recipe's checkpoint and pass checkpoint='path/to/file.pth'"
+        )
+    args = get_args_parser().parse_args(["--model", "deformable_detr"])  # the family's published defaults
+    recipe = {**DEFORMABLE_RECIPES[name], **overrides}
+    args.num_classes = num_classes
+    args.backbone_weights = "none" if checkpoint is not None else backbone_weights  # the checkpoint holds them
+    args.aux_loss = False  # as DETR's hub models: the last decoder layer only
+    args.device = "cpu"
+    for key, value in recipe.items():
+        if not hasattr(args, key):
+            raise TypeError(f"unknown model option {key!r}; use a main.py flag name such as num_queries or hidden_dim")
+        setattr(args, key, value)
+    model, _, postprocessors = build_model(args)
+    if checkpoint is not None:
+        if num_classes == 91 and not overrides:
+            from util.checkpoint import load_checkpoint
+
+            model.load_state_dict(load_checkpoint(checkpoint)["model"], strict=True)
+        else:  # another head size: a fine-tuning start (class heads keep their focal-prior initialisation)
+            from util.finetune import load_for_finetuning
+
+            load_for_finetuning(model, checkpoint, keep_initial=True)
+    return (model, postprocessors["bbox"]) if return_postprocessor else model
+
+
+def deformable_detr_resnet50(
+    pretrained: bool = False,
+    num_classes: int = 91,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    checkpoint: str | None = None,
+    **overrides,
+):
+    """Deformable DETR R50, multi-scale (4 levels; 44.5 box AP published).
+
+    Args:
+        pretrained: load the authors' COCO weights; they cannot be downloaded from here, so this needs
+            ``checkpoint`` (otherwise a ValueError says where to get them).
+        num_classes: sigmoid classes (91 for COCO); another value with a checkpoint re-initialises the class heads.
+        return_postprocessor: also return ``PostProcessTopK`` (top-100 scores, labels, pixel boxes).
+        backbone_weights: without a checkpoint: 'none' (random, offline), 'imagenet' (torchvision download) or a
+            local ResNet .pth file.
+        checkpoint: local path (or https URL) of the recipe's published or a trained checkpoint, loaded strictly.
+        **overrides: other model flags of main.py, e.g. ``num_queries=100``.
+
+    Returns:
+        The model, or (model, postprocessor) with ``return_postprocessor``.
+    """
+    return _deformable("deformable_detr_resnet50", pretrained, num_classes, return_postprocessor, backbone_weights,
+                       checkpoint, **overrides)  # fmt: skip
+
+
+def deformable_detr_resnet50_single_scale(
+    pretrained: bool = False,
+    num_classes: int = 91,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    checkpoint: str | None = None,
+    **overrides,
+):
+    """Single-scale Deformable DETR R50 (layer4 only; 39.4 box AP published). Arguments as
+    :func:`deformable_detr_resnet50`."""
+    return _deformable("deformable_detr_resnet50_single_scale", pretrained, num_classes, return_postprocessor,
+                       backbone_weights, checkpoint, **overrides)  # fmt: skip
+
+
+def deformable_detr_resnet50_single_scale_dc5(
+    pretrained: bool = False,
+    num_classes: int = 91,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    checkpoint: str | None = None,
+    **overrides,
+):
+    """Single-scale Deformable DETR R50-DC5 (dilated layer4; 41.5 box AP published). Arguments as
+    :func:`deformable_detr_resnet50`."""
+    return _deformable("deformable_detr_resnet50_single_scale_dc5", pretrained, num_classes, return_postprocessor,
+                       backbone_weights, checkpoint, **overrides)  # fmt: skip
+
+
+def deformable_detr_resnet50_refine(
+    pretrained: bool = False,
+    num_classes: int = 91,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    checkpoint: str | None = None,
+    **overrides,
+):
+    """Deformable DETR R50 with iterative box refinement (46.2 box AP published). Arguments as
+    :func:`deformable_detr_resnet50`."""
+    return _deformable("deformable_detr_resnet50_refine", pretrained, num_classes, return_postprocessor,
+                       backbone_weights, checkpoint, **overrides)  # fmt: skip
+
+
+def deformable_detr_resnet50_two_stage(
+    pretrained: bool = False,
+    num_classes: int = 91,
+    return_postprocessor: bool = False,
+    backbone_weights: str = "none",
+    checkpoint: str | None = None,
+    **overrides,
+):
+    """Two-stage Deformable DETR R50 with box refinement (46.9 box AP published). Arguments as
+    :func:`deformable_detr_resnet50`."""
+    return _deformable("deformable_detr_resnet50_two_stage", pretrained, num_classes, return_postprocessor,
+                       backbone_weights, checkpoint, **overrides)  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_pretrained_downloads_the_published_url_and_loads_strictly(monkeypatch, 
     loads = []
     reference = {}
 
-    def fake_load(path_or_url, map_location="cpu", check_hash=False):
+    def fake_load(path_or_url, map_location="cpu", check_hash=False, **kwargs):
         loads.append((path_or_url, check_hash))
         return {"model": reference["state"]}
 
@@ -126,3 +127,87 @@ def test_torch_hub_load_from_local_folder(recorded_builds, no_network):
     assert (recorded_builds[-1]["backbone"], recorded_builds[-1]["dilation"]) == ("resnet101", True)
     with pytest.raises(TypeError, match="unknown model option 'num_querys'"):
         hubconf.detr_resnet50(num_querys=5)
+
+
+# ------------------------------------------------------------------------------------- Deformable DETR
+
+DEFORMABLE_ENTRIES = {  # name: (num_feature_levels, dilation, with_box_refine, two_stage)
+    "deformable_detr_resnet50": (4, False, False, False),
+    "deformable_detr_resnet50_single_scale": (1, False, False, False),
+    "deformable_detr_resnet50_single_scale_dc5": (1, True, False, False),
+    "deformable_detr_resnet50_refine": (4, False, True, False),
+    "deformable_detr_resnet50_two_stage": (4, False, True, True),
+}
+TINY_DEFORMABLE = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=32,
+                       num_queries=5, enc_n_points=1, dec_n_points=1)  # fmt: skip
+
+
+@pytest.fixture
+def recorded_deformable_builds(monkeypatch):
+    """build_model recorder building a tiny stand-in of the requested recipe (GroupNorm(32): hidden 32)."""
+    calls = []
+    real_build = models.build_model
+
+    def fake_build(args):
+        calls.append(vars(args).copy())
+        return real_build(type(args)(**{**vars(args), **TINY_DEFORMABLE}))
+
+    monkeypatch.setattr(models, "build_model", fake_build)
+    return calls
+
+
+def test_every_deformable_entry_builds_its_published_recipe_offline(recorded_deformable_builds, no_network):
+    from models.postprocess import PostProcessTopK
+
+    for name, (levels, dilation, refine, two_stage) in DEFORMABLE_ENTRIES.items():
+        model, postprocessor = getattr(hubconf, name)(return_postprocessor=True)
+        args = recorded_deformable_builds[-1]
+        assert args["model"] == "deformable_detr", name
+        assert (args["num_feature_levels"], args["dilation"], args["with_box_refine"], args["two_stage"]) == (
+            levels, dilation, refine, two_stage
+        ), name  # fmt: skip
+        # The family's published defaults, not DETR's.
+        assert (args["num_queries"], args["dim_feedforward"], args["lr"], args["num_classes"]) == (300, 1024, 2e-4, 91)
+        assert args["backbone"] == "resnet50" and args["backbone_weights"] == "none" and args["aux_loss"] is False
+        assert isinstance(postprocessor, PostProcessTopK) and postprocessor.num_select == 100
+        assert model.two_stage == two_stage and model.with_box_refine == refine
+        assert model.transformer.level_embed.shape[0] == levels
+    assert set(DEFORMABLE_ENTRIES) == set(hubconf.DEFORMABLE_RECIPES)
+
+
+@pytest.mark.parametrize(
+    "name, trainable", [("deformable_detr_resnet50", 39_847_265), ("deformable_detr_resnet50_two_stage", 40_959_129)]
+)
+def test_deformable_resnet50_has_the_published_size(no_network, name, trainable):
+    model = getattr(hubconf, name)()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable  # published counts
+    assert infer_architecture(model.state_dict())["num_classes"] == 91
+
+
+def test_deformable_pretrained_needs_a_local_checkpoint(recorded_deformable_builds, no_network, tmp_path):
+    with pytest.raises(ValueError, match=r"no direct download URL .*checkpoint='path/to/file.pth'"):
+        hubconf.deformable_detr_resnet50_refine(pretrained=True)
+    assert recorded_deformable_builds == []  # refused before building anything
+
+    reference = hubconf.deformable_detr_resnet50_refine().state_dict()
+    for value in reference.values():
+        value.add_(1)  # distinguishable from a fresh init (shared tensors move once per key: still consistent)
+    path = tmp_path / "refine.pth"
+    torch.save({"model": reference}, path)
+    model = hubconf.deformable_detr_resnet50_refine(pretrained=True, checkpoint=str(path))
+    assert recorded_deformable_builds[-1]["backbone_weights"] == "none"
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+    # Another num_classes: a fine-tuning start; the class heads keep the focal prior of a fresh build.
+    model = hubconf.deformable_detr_resnet50_refine(checkpoint=str(path), num_classes=3)
+    assert model.class_embed[1].weight.shape == (3, 32)
+    torch.testing.assert_close(model.class_embed[1].bias, torch.full((3,), -math.log(99)))
+    torch.testing.assert_close(model.query_embed.weight, reference["query_embed.weight"], rtol=0, atol=0)
+
+
+def test_torch_hub_load_of_a_deformable_entry(recorded_deformable_builds, no_network):
+    model = torch.hub.load(str(ROOT), "deformable_detr_resnet50_two_stage", source="local", trust_repo=True)
+    assert model.two_stage and recorded_deformable_builds[-1]["model"] == "deformable_detr"
+    with pytest.raises(TypeError, match="unknown model option 'two_stages'"):
+        hubconf.deformable_detr_resnet50(two_stages=True)
