@@ -18,7 +18,7 @@ from conftest import TINY_FLAGS, parse_tiny_args
 
 import main as main_module
 import models
-from util.checkpoint import load_checkpoint
+from util.checkpoint import CheckpointError, load_checkpoint
 from util.config import UsageError
 from util.logging import read_log
 from util.preemption import PreemptionHandler
@@ -26,6 +26,9 @@ from util.preemption import PreemptionHandler
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FLAGS = ["--synthetic_train_size", "4", "--synthetic_val_size", "2", "--input_scale", "0.1"]
 RUN_FLAGS = [*DATA_FLAGS, "--batch_size", "2", "--lr", "1e-3", "--lr_backbone", "0", "--no_progress"]
+FAMILIES = ["detr", "deformable_detr"]  # every framework feature is tested on each family
+# Detections per validation image: DETR one per query, Deformable DETR the top 100 (query, class) pairs.
+DETECTIONS_PER_IMAGE = {"detr": 10, "deformable_detr": 100}
 
 
 def _args(data_dir: Path, out_dir: Path, *extra: str):
@@ -38,13 +41,20 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two epochs of a tiny model on 4 generated images; returns (data dir, output dir, returned stats)."""
-    base = tmp_path_factory.mktemp("e2e")
+@pytest.fixture(scope="module", params=FAMILIES)
+def trained(tmp_path_factory, request):
+    """Two epochs of a tiny model of each family on 4 generated images; returns (data dir, output dir, stats).
+
+    The tests read the family back from the checkpoint (``_family``) and pass it on with --model.
+    """
+    base = tmp_path_factory.mktemp(f"e2e_{request.param}")
     data, out = base / "data", base / "run"
-    stats = main_module.main(_args(data, out, "--epochs", "2", "--lr_drop", "1"))
+    stats = main_module.main(_args(data, out, "--model", request.param, "--epochs", "2", "--lr_drop", "1"))
     return data, out, stats
+
+
+def _family(trained) -> str:
+    return load_checkpoint(trained[1] / "checkpoint.pth")["args"]["model"]
 
 
 @pytest.mark.slow
@@ -62,6 +72,7 @@ def test_training_writes_log_checkpoints_and_config(trained):
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert {"model", "optimizer", "lr_scheduler", "epoch", "args"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and isinstance(ckpt["args"], dict) and ckpt["args"]["hidden_dim"] == 32
+    assert ckpt["args"]["model"] in FAMILIES  # every checkpoint stores its family
     # lr_drop 1: a numbered copy is kept before every LR drop (published rule).
     assert (out / "checkpoint0000.pth").is_file() and (out / "checkpoint0001.pth").is_file()
     assert load_checkpoint(out / "checkpoint0000.pth")["epoch"] == 0
@@ -74,15 +85,62 @@ def test_training_writes_log_checkpoints_and_config(trained):
 @pytest.mark.slow
 def test_eval_resume_reproduces_the_last_evaluation(trained, tmp_path, capsys):
     data, out, _ = trained
+    family = _family(trained)
     last = read_log(out / "log.txt")[-1]
-    stats = main_module.main(_args(data, tmp_path, "--eval", "--resume", str(out / "checkpoint.pth")))
+    stats = main_module.main(
+        _args(data, tmp_path, "--model", family, "--eval", "--resume", str(out / "checkpoint.pth"))
+    )
     assert stats["coco_eval_bbox"] == last["test_coco_eval_bbox"]
     assert stats["loss"] == last["test_loss"]  # not just zeros: the losses are reproduced exactly too
     predictions = json.loads((tmp_path / "eval" / "predictions_bbox.json").read_text())
-    assert len(predictions) == 2 * 10  # 2 val images x 10 queries
+    assert len(predictions) == 2 * DETECTIONS_PER_IMAGE[family]  # 2 val images
     assert json.loads((tmp_path / "eval" / "stats.json").read_text())["test_coco_eval_bbox"] == stats["coco_eval_bbox"]
     assert "per-category AP (bbox" in capsys.readouterr().out
     assert not (tmp_path / "checkpoint.pth").exists()
+
+
+@pytest.mark.slow
+def test_eval_resume_without_model_flag_rebuilds_the_checkpoint_family(trained, tmp_path, caplog):
+    """``--eval --resume ckpt.pth`` without --model: the checkpoint's stored family, with its defaults."""
+    data, out, _ = trained
+    family = _family(trained)
+    last = read_log(out / "log.txt")[-1]
+    argv = [*TINY_FLAGS, *RUN_FLAGS, "--synthetic_dir", str(data), "--output_dir", str(tmp_path), "--eval",
+            "--resume", str(out / "checkpoint.pth")]  # fmt: skip
+    args = main_module.parse_args(argv)
+    assert args.model == "detr"  # the parser alone cannot know
+    with caplog.at_level(logging.INFO, logger="detr"):
+        stats = main_module.main(args)
+    assert args.model == family
+    assert (f"--model {family}: the family of" in caplog.text) == (family != "detr")
+    assert stats["coco_eval_bbox"] == last["test_coco_eval_bbox"] and stats["loss"] == last["test_loss"]
+    # An explicit --model wins: the deformable checkpoint does not fit DETR (and the reverse).
+    other = "detr" if family != "detr" else "deformable_detr"
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        main_module.main(main_module.parse_args([*argv, "--model", other]))
+
+
+@pytest.mark.slow
+def test_evaluation_uses_eval_batch_size(trained, tmp_path, monkeypatch):
+    import engine
+
+    data, out, _ = trained
+    family = _family(trained)
+    batch_sizes = []
+    evaluate = engine.evaluate
+
+    def recording_evaluate(model, criterion, postprocessors, data_loader, *args, **kwargs):
+        batch_sizes.append(data_loader.batch_size)
+        return evaluate(model, criterion, postprocessors, data_loader, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", recording_evaluate)
+    flags = ["--model", family, "--eval", "--resume", str(out / "checkpoint.pth"), "--eval_batch_size", "1"]
+    stats = main_module.main(_args(data, tmp_path, *flags))
+    assert batch_sizes == [1] and len(stats["coco_eval_bbox"]) == 12
+    predictions = json.loads((tmp_path / "eval" / "predictions_bbox.json").read_text())
+    assert len(predictions) == 2 * DETECTIONS_PER_IMAGE[family]
+    main_module.main(_args(data, tmp_path / "b2", "--model", family, "--eval", "--resume", str(out / "checkpoint.pth")))
+    assert batch_sizes == [1, 2]  # default: --batch_size
 
 
 @pytest.mark.slow
@@ -106,7 +164,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(trained, tmp_path, 
         return model, criterion, postprocessors
 
     monkeypatch.setattr(models, "build_model", build_with_nan_loss)
-    args = _args(data, run, "--resume", str(run / "checkpoint.pth"), "--epochs", "3", "--lr_drop", "1")
+    args = _args(data, run, "--model", _family(trained), "--resume", str(run / "checkpoint.pth"), "--epochs", "3",
+                 "--lr_drop", "1")  # fmt: skip
     with pytest.raises(SystemExit, match=r"non-finite loss .* at epoch 2.*loss_bbox=nan"):
         main_module.main(args)
     assert {name: _sha(run / name) for name in before} == before
@@ -115,31 +174,36 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(trained, tmp_path, 
 
 @pytest.mark.slow
 def test_preemption_saves_mid_epoch_and_resume_auto_finishes(trained, tmp_path, monkeypatch):
+    """A real SIGTERM after the first step (through the installed handler): checkpoint, exit, resume auto."""
     data, _, _ = trained
+    family = _family(trained)
     calls = []
+    requested = PreemptionHandler.requested_on_any_rank
 
-    def signal_at_first_step(self, device="cpu"):
+    def sigterm_at_first_step(self, device="cpu"):
         calls.append(1)
-        self.requested, self.signal_name = len(calls) == 1, "SIGUSR1"
-        return self.requested
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return requested(self, device)
 
-    monkeypatch.setattr(PreemptionHandler, "requested_on_any_rank", signal_at_first_step)
+    monkeypatch.setattr(PreemptionHandler, "requested_on_any_rank", sigterm_at_first_step)
     out = tmp_path / "run"
-    main_module.main(_args(data, out, "--epochs", "1"))  # 2 iterations per epoch; stops after the first
+    main_module.main(_args(data, out, "--model", family, "--epochs", "1"))  # 2 iterations per epoch; stops after 1
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (-1, 1)
     assert not (out / "log.txt").exists()
-    main_module.main(_args(data, out, "--epochs", "1", "--resume", "auto"))
+    main_module.main(_args(data, out, "--model", family, "--epochs", "1", "--resume", "auto"))
     assert len(calls) == 2  # the resumed epoch ran only its second batch
     assert [line["epoch"] for line in read_log(out / "log.txt")] == [0]
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 0
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torchrun_two_processes(tmp_path, family):
     out = tmp_path / "run"
     flags = [*TINY_FLAGS, *RUN_FLAGS, "--synthetic_dir", str(tmp_path / "data"), "--output_dir", str(out),
-             "--epochs", "1", "--max_iters_per_epoch", "2", "--num_workers", "0"]  # fmt: skip
+             "--epochs", "1", "--max_iters_per_epoch", "2", "--num_workers", "0", "--model", family]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py", *flags]
     # Own process group: on a timeout the workers die with torchrun instead of lingering.
@@ -154,7 +218,8 @@ def test_torchrun_two_processes(tmp_path):
     assert "distributed init (rank 0 of 2, gloo)" in stdout
     lines = read_log(out / "log.txt")
     assert len(lines) == 1 and len(lines[0]["test_coco_eval_bbox"]) == 12
-    assert load_checkpoint(out / "checkpoint.pth")["args"]["world_size"] == 2
+    ckpt_args = load_checkpoint(out / "checkpoint.pth")["args"]
+    assert ckpt_args["world_size"] == 2 and ckpt_args["model"] == family
     assert stdout.count("final COCO AP") == 1  # only rank 0 reports
 
 
