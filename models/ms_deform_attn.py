@@ -12,11 +12,15 @@ No compiled extension: the core runs on CPU, CUDA and MPS. Two kernels compute t
   reference. It is also used automatically under ``torch.onnx.export``/``torch.export``/``torch.jit``
   tracing (ONNX GridSample, opset >= 16), where the level sizes must be known ints.
 
-Autocast: the core always samples in float32 (float64 inputs stay float64) with autocast disabled, and
-returns the value's dtype. Under bf16 the sampling locations alone lose ~0.3 px on a 134-px-wide level
-(8 mantissa bits on a coordinate in [0, 1]); sampling in bf16 gave a max abs error of about 1e-2 against
-float32 on unit-scale values, float32 sampling of the same bf16 value about 4e-3 (numbers in
-benchmarks/RESULTS.md). The module also forms locations and the softmax in float32.
+Autocast (bf16/fp16): the core always samples in float32 (float64 stays float64) with autocast disabled and
+returns the value's dtype; the module forms the sampling locations and the softmax in float32. Measured on
+CPU at the benchmark's half-size inputs (outputs up to ~1.8, float64 as truth): float32 max abs error 7e-6;
+bf16 value with float32 locations (what the module does under autocast) 7e-3; bf16 locations 0.26-0.32
+(8 mantissa bits on a coordinate in [0, 1] move a point by up to ~0.3 px on a 134-px level); everything in
+bf16 through grid_sample 0.41-0.54. Hence float32 locations and sampling.
+
+Exporting: the level sizes must be Python ints at trace time (pass a list of (H, W) to torch.export; a
+tensor of shapes becomes a constant under the ONNX tracer).
 """
 
 from __future__ import annotations
@@ -122,9 +126,12 @@ def _corner_rows_and_weights(
     base = (base + torch.arange(m, device=device).view(1, -1, 1) + starts * m).to(index_dtype)  # [B, M, L]
     base = base[:, None, :, :, None].expand(-1, 1, -1, -1, n_points).contiguous()
 
-    # Pixel centres at (i + 0.5) / size; clamping to [-1, size] keeps every in-map corner (zero border).
-    x = torch.clamp(locations[..., 0] * width - 0.5, min=-torch.ones_like(width), max=width)
-    y = torch.clamp(locations[..., 1] * height - 0.5, min=-torch.ones_like(height), max=height)
+    # Pixel centres at (i + 0.5) / size, rounded like grid_sample's CPU kernel ((g + 1) * size / 2 - 0.5 on
+    # g = 2 * loc - 1) so the two kernels agree to float32 rounding; clamping to [-1, size] keeps every
+    # in-map corner (zero border).
+    grid = 2 * locations - 1
+    x = torch.clamp((grid[..., 0] + 1) * (width / 2) - 0.5, min=-torch.ones_like(width), max=width)
+    y = torch.clamp((grid[..., 1] + 1) * (height / 2) - 0.5, min=-torch.ones_like(height), max=height)
     x0, y0 = x.detach().floor(), y.detach().floor()
     fx, fy = x - x0, y - y0
     y1_weight = weights * fy
@@ -147,7 +154,9 @@ class _WeightedRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, rows: Tensor, weights: Tensor, segments: list[tuple[int, int, list[int]]]):
+    def forward(
+        ctx, table: Tensor, rows: Tensor, weights: Tensor, segments: list[tuple[int, int, list[int]]]
+    ) -> Tensor:
         ctx.save_for_backward(table, rows, weights)
         ctx.segments = segments
         return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
@@ -246,7 +255,9 @@ class MSDeformAttn(nn.Module):
         kernel: core kernel, 'gather' (default) or 'grid_sample' (reference); may be changed on the instance.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, kernel="gather"):
+    def __init__(
+        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, kernel: str = "gather"
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
