@@ -1,4 +1,5 @@
-"""Exact resume on CPU: a run split by an epoch-boundary or a mid-epoch checkpoint equals the straight run bit for bit.
+"""Exact resume on CPU (DETR and Deformable DETR): a run split by an epoch-boundary or a mid-epoch checkpoint equals the
+straight run bit for bit.
 
 Dropout and the training augmentations (random flip/resize/crop, python ``random``) are on, so every generator
 the checkpoint restores matters. Loading uses ``--num_workers 0``: with worker processes the augmentation RNG
@@ -48,25 +49,26 @@ def _train_losses(out: Path) -> list[float]:
     return [line["train_loss"] for line in read_log(out / "log.txt")]
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """Two epochs without interruption: (data dir, output dir)."""
-    base = tmp_path_factory.mktemp("straight")
-    _run(base / "data", base / "run", "--epochs", "2")
-    return base / "data", base / "run"
+@pytest.fixture(scope="module", params=["detr", "deformable_detr"])
+def straight(tmp_path_factory, request):
+    """Two epochs without interruption: (data dir, output dir, model flags), for each family."""
+    base = tmp_path_factory.mktemp(f"straight_{request.param}")
+    model = ("--model", request.param)
+    _run(base / "data", base / "run", *model, "--epochs", "2")
+    return base / "data", base / "run", model
 
 
 def test_epoch_boundary_resume_is_bit_identical(straight, tmp_path):
-    data, reference = straight
+    data, reference, model = straight
     out = tmp_path / "run"
-    _run(data, out, "--epochs", "1")
-    _run(data, out, "--epochs", "2", "--resume", "auto")
+    _run(data, out, *model, "--epochs", "1")
+    _run(data, out, *model, "--epochs", "2", "--resume", "auto")
     _assert_same_model(reference, out)
     assert _train_losses(out) == _train_losses(reference)  # exact floats, both epochs
 
 
 def test_mid_epoch_resume_is_bit_identical(straight, tmp_path, monkeypatch):
-    data, reference = straight
+    data, reference, model = straight
     steps = []
     stop_after = 4  # epoch 1, after its first batch (3 batches per epoch)
 
@@ -77,10 +79,10 @@ def test_mid_epoch_resume_is_bit_identical(straight, tmp_path, monkeypatch):
 
     monkeypatch.setattr(PreemptionHandler, "requested_on_any_rank", preempt_once)
     out = tmp_path / "run"
-    _run(data, out, "--epochs", "2", "--checkpoint_every", "1")
+    _run(data, out, *model, "--epochs", "2", "--checkpoint_every", "1")
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt.get("iteration")) == (0, 1)
-    _run(data, out, "--epochs", "2", "--checkpoint_every", "1", "--resume", "auto")
+    _run(data, out, *model, "--epochs", "2", "--checkpoint_every", "1", "--resume", "auto")
     assert len(steps) == 6  # 4 batches, then the 2 remaining ones of epoch 1: none repeated, none skipped
     _assert_same_model(reference, out)
     assert _train_losses(out) == _train_losses(reference)
