@@ -229,7 +229,8 @@ class DETRsegm(nn.Module):
         bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
         fpns = [features[2].tensors, features[1].tensors, features[0].tensors]
         masks = self.mask_head(src_proj, bbox_mask, fpns)
-        out["pred_masks"] = masks.view(hs.shape[1], hs.shape[2], masks.shape[-2], masks.shape[-1])
+        # [B * Q, 1, H_4, W_4] -> [B, Q, H_4, W_4]; only dim 0 is reshaped, so torch.export adds no guard on H, W.
+        out["pred_masks"] = masks.squeeze(1).unflatten(0, (hs.shape[1], hs.shape[2]))
         return out
 
     def _detection_outputs(self, hs: Tensor):
