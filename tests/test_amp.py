@@ -26,9 +26,9 @@ def _targets(generator: torch.Generator, counts=(3, 2)) -> list[dict]:
     return targets
 
 
-@pytest.fixture
-def tiny_detr(tiny_args):
-    args = tiny_args("--num_classes", "5", "--amp", "bf16")
+@pytest.fixture(params=["detr", "deformable_detr"])
+def tiny_detr(tiny_args, request):
+    args = tiny_args("--model", request.param, "--num_classes", "5", "--amp", "bf16")
     model, criterion, _ = models.build_model(args)
     generator = torch.Generator().manual_seed(1)
     images = [torch.randn(3, 64, 80, generator=generator), torch.randn(3, 56, 64, generator=generator)]
@@ -41,7 +41,8 @@ def test_bf16_forward_loss_backward_on_cpu(tiny_detr):
         outputs = model(samples)
         losses = criterion(outputs, targets)
     assert outputs["pred_logits"].dtype == torch.bfloat16  # the heads really ran in bf16
-    loss = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+    # Deformable DETR's weight dict also names the two-stage '_enc' losses (published): weigh what was computed.
+    loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]

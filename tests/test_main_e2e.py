@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_FLAGS, parse_tiny_args
 
@@ -288,3 +290,50 @@ def test_dilated_model_evaluated_in_batches_warns_once(flags, warned, caplog):
     assert len(caplog.records) == int(warned)
     if warned:
         assert "--eval_batch_size 1" in caplog.records[0].getMessage()
+
+
+def _custom_coco(root: Path) -> Path:
+    """A COCO-format folder of 4 train / 2 val images with categories 1..6 (not the generated set)."""
+    from test_coco_dataset import write_coco
+
+    categories = [{"id": i, "name": f"part{i}"} for i in range(1, 7)]
+    for split, ids in (("train", range(1, 5)), ("val", range(5, 7))):
+        images = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 48} for i in ids]
+        annotations = [
+            {"id": 10 * i + k, "image_id": i, "category_id": 1 + (i + k) % 6, "bbox": [4 + 20 * k, 6, 18, 20],
+             "area": 360.0, "iscrowd": 0}
+            for i in ids for k in range(2)
+        ]  # fmt: skip
+        write_coco(root, split, images, annotations, categories)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_custom_coco_data_with_num_classes(tmp_path, family):
+    """--coco_path of the user's own COCO-format data and --num_classes: the class heads get that many outputs."""
+    data = _custom_coco(tmp_path / "mydata")
+    out = tmp_path / "run"
+    args = parse_tiny_args("--model", family, "--coco_path", str(data), "--num_classes", "9", "--input_scale", "0.1",
+                           "--batch_size", "2", "--lr_backbone", "0", "--no_progress", "--epochs", "1",
+                           "--output_dir", str(out))  # fmt: skip
+    args._explicit = frozenset({"device", "coco_path", "num_classes"})
+    stats = main_module.main(args)
+    assert len(stats["coco_eval_bbox"]) == 12
+    state = load_checkpoint(out / "checkpoint.pth")["model"]
+    head = "class_embed.weight" if family == "detr" else "class_embed.1.weight"
+    assert state[head].shape[0] == (10 if family == "detr" else 9)  # DETR adds its "no object" class
+    (line,) = read_log(out / "log.txt")
+    assert line["train_loss"] > 0 and (out / "eval" / "latest.pth").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_training_run(tmp_path, family):
+    """--amp bf16 end to end on a CPU: finite losses, float32 weights in the checkpoint, evaluation."""
+    out = tmp_path / "run"
+    stats = main_module.main(_args(tmp_path / "data", out, "--model", family, "--amp", "bf16", "--epochs", "1"))
+    (line,) = read_log(out / "log.txt")
+    assert math.isfinite(line["train_loss"]) and math.isfinite(line["test_loss"]) and len(stats["coco_eval_bbox"]) == 12
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["args"]["amp"] == "bf16" and all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())
