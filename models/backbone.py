@@ -280,7 +280,16 @@ def _downsample_mask_nearest(mask: Tensor, size: list[int]) -> Tensor:
     Indexing with explicit source rows/columns instead of interpolating keeps ONNX exports exact: ONNX's
     nearest resize can round a source coordinate like 29.9999 differently and flip a whole mask row.
     """
-    height, width = mask.shape[-2], mask.shape[-1]
-    rows = (torch.arange(size[0], device=mask.device) * (height / size[0])).floor().long().clamp(max=height - 1)
-    cols = (torch.arange(size[1], device=mask.device) * (width / size[1])).floor().long().clamp(max=width - 1)
+    rows = _nearest_source_indices(mask.shape[-2], size[0], mask.device)
+    cols = _nearest_source_indices(mask.shape[-1], size[1], mask.device)
     return mask[:, rows][:, :, cols]
+
+
+def _nearest_source_indices(size_in: int, size_out: int, device: torch.device) -> Tensor:
+    """floor(i * (size_in / size_out)) in float32 for i < size_out, clamped: F.interpolate's nearest rule.
+
+    The scale is a float32 tensor rather than a Python float so that exports with symbolic sizes (the dynamo
+    ONNX exporter) can compute it; the float32 division of the two integer sizes gives the same scale.
+    """
+    scale = torch.full((), size_in, dtype=torch.float32, device=device) / size_out
+    return (torch.arange(size_out, device=device) * scale).floor().long().clamp(max=size_in - 1)

@@ -8,7 +8,9 @@ The ONNX graph takes ``images`` [B, 3, H, W] (normalised with the ImageNet mean/
 with ``--with_mask``, ``mask`` [B, H, W] bool (True on padding, for batches of different sizes); it returns
 ``pred_logits`` [B, Q, K+1] and ``pred_boxes`` [B, Q, 4] (cx, cy, w, h normalised to each unpadded image).
 Segmentation models export their detector. The default exporter is torch's TorchScript-based one, which
-needs nothing beyond onnx; ``--exporter dynamo`` uses the torch.export-based one (needs onnxscript).
+needs nothing beyond onnx; ``--exporter dynamo`` uses the torch.export-based one (needs onnxscript) and writes
+opset 18 or later (its Split nodes carry ``num_outputs``, an opset-18 attribute). Every written file is checked
+with ``onnx.checker``. For a ``torch.export`` program (.pt2) see tools/export.py.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util.misc import NestedTensor  # noqa: E402
 
 INPUT_NAMES = ("images", "mask")
+# Default opset per exporter: 17 for the TorchScript-based one; the dynamo exporter needs at least 18.
+DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 
 
@@ -69,7 +73,7 @@ def export_onnx(
     batch_size: int = 1,
     dynamic: bool = False,
     with_mask: bool = False,
-    opset: int = 17,
+    opset: int | None = None,
     exporter: str = "torchscript",
 ) -> Path:
     """Write ``model`` as ONNX.
@@ -80,7 +84,8 @@ def export_onnx(
         height, width, batch_size: the example input size (the only accepted size unless ``dynamic``).
         dynamic: make batch, height and width symbolic.
         with_mask: add the ``mask`` input; without it every image is taken as unpadded.
-        opset: ONNX opset (>= 14 for scaled_dot_product_attention).
+        opset: ONNX opset; default 17 for 'torchscript' (>= 14 for scaled_dot_product_attention), 18 for 'dynamo'
+            (its minimum: at 17 it writes Split nodes that are invalid there).
         exporter: 'torchscript' (default, no extra dependency) or 'dynamo' (needs onnxscript).
 
     Returns:
@@ -95,6 +100,10 @@ def export_onnx(
             raise ValueError(
                 "--exporter dynamo needs onnxscript: pip install onnxscript (or use torchscript)"
             ) from None
+    if opset is None:
+        opset = DEFAULT_OPSET[exporter]
+    if exporter == "dynamo" and opset < DEFAULT_OPSET["dynamo"]:
+        raise ValueError(f"--exporter dynamo writes opset 18 or later (got --opset {opset}; Split needs opset 18)")
     wrapper = ExportableDETR(model).eval()
     device = next(model.parameters()).device
     images = torch.randn(batch_size, 3, height, width, device=device)
@@ -122,6 +131,9 @@ def export_onnx(
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(wrapper, inputs, str(output), **kwargs)
+    import onnx
+
+    onnx.checker.check_model(str(output))  # an invalid graph fails here, not later in a runtime
     return output
 
 
@@ -172,7 +184,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--dynamic", action="store_true", help="symbolic batch size, height and width")
     parser.add_argument("--with_mask", action="store_true", help="add the padding mask input [B, H, W] bool")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17 torchscript, 18 dynamo)")
     parser.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"))
     parser.add_argument("--check", action="store_true", help="compare onnxruntime with PyTorch on random inputs")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted difference for --check")
