@@ -53,8 +53,17 @@ def build_input_proj(backbone_channels: list[int], hidden_dim: int, num_feature_
     return nn.ModuleList(projections)
 
 
-def project_levels(backbone: Joiner, input_proj: nn.ModuleList, samples: NestedTensor):
-    """Backbone levels plus the extra stride-2 levels -> (srcs, masks, positions), L each, finest first."""
+def project_levels(backbone: Joiner, input_proj: nn.ModuleList, samples: NestedTensor | list[Tensor] | Tensor):
+    """Backbone levels plus the extra stride-2 levels -> (srcs, masks, positions), L each, finest first.
+
+    ``samples``: a NestedTensor, a list of [3, H_i, W_i] images (padded here) or a [B, 3, H, W] batch.
+    """
+    if not isinstance(samples, NestedTensor):
+        samples = nested_tensor_from_tensor_list(samples)
+    if samples.mask is None:
+        images = samples.tensors
+        mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        samples = NestedTensor(images, mask)
     features, pos = backbone(samples)
     srcs = [proj(feature.tensors) for proj, feature in zip(input_proj, features)]
     masks = [feature.mask for feature in features]
@@ -140,12 +149,6 @@ class DeformableDETR(nn.Module):
             unpadded image); with aux_loss 'aux_outputs' (earlier layers, first first); with two_stage
             'enc_outputs' {'pred_logits' [B, S, K], 'pred_boxes' [B, S, 4]} over all S encoder tokens.
         """
-        if not isinstance(samples, NestedTensor):
-            samples = nested_tensor_from_tensor_list(samples)
-        if samples.mask is None:
-            images = samples.tensors
-            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-            samples = NestedTensor(images, mask)
         srcs, masks, pos = project_levels(self.backbone, self.input_proj, samples)
         query_embed = None if self.two_stage else self.query_embed.weight
         hs, init_reference, inter_references, enc_class, enc_coord_unact = self.transformer(

@@ -26,8 +26,11 @@ __all__ = [
     "DeformableTransformerEncoderLayer",
     "MultiScaleInput",
     "box_sine_embedding",
+    "build_encoder_and_decoder_layer",
     "encoder_proposals",
     "flatten_levels",
+    "reset_deformable_parameters",
+    "scale_by_valid_ratios",
     "valid_ratios",
 ]
 
@@ -254,6 +257,33 @@ class DeformableTransformerDecoder(nn.Module):
         return torch.stack(outputs), torch.stack(references)
 
 
+def build_encoder_and_decoder_layer(
+    d_model: int, nhead: int, num_encoder_layers: int, dim_feedforward: int, dropout: float,
+    num_feature_levels: int, dec_n_points: int, enc_n_points: int, attention: str = "sdpa",
+) -> tuple[DeformableTransformerEncoder, DeformableTransformerDecoderLayer]:  # fmt: skip
+    """The deformable encoder and the decoder layer to stack: shared by Deformable DETR and DINO."""
+    if d_model % nhead:
+        raise ValueError(f"--hidden_dim {d_model} must be divisible by --nheads {nhead}")
+    encoder_layer = DeformableTransformerEncoderLayer(
+        d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points
+    )
+    decoder_layer = DeformableTransformerDecoderLayer(
+        d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points, attention
+    )
+    return DeformableTransformerEncoder(encoder_layer, num_encoder_layers), decoder_layer
+
+
+def reset_deformable_parameters(transformer: nn.Module) -> None:
+    """Published init: xavier-uniform on every matrix, then each MSDeformAttn's own init, level_embed N(0, 1)."""
+    for p in transformer.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for module in transformer.modules():
+        if isinstance(module, MSDeformAttn):
+            module._reset_parameters()
+    nn.init.normal_(transformer.level_embed)
+
+
 class DeformableTransformer(nn.Module):
     """Deformable DETR encoder-decoder with optional two-stage query selection.
 
@@ -278,13 +308,10 @@ class DeformableTransformer(nn.Module):
         self.nhead = nhead
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
-        encoder_layer = DeformableTransformerEncoderLayer(
-            d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points
-        )
-        self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
-        decoder_layer = DeformableTransformerDecoderLayer(
-            d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points, attention
-        )
+        self.encoder, decoder_layer = build_encoder_and_decoder_layer(
+            d_model, nhead, num_encoder_layers, dim_feedforward, dropout, num_feature_levels, dec_n_points,
+            enc_n_points, attention,
+        )  # fmt: skip
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
@@ -297,16 +324,10 @@ class DeformableTransformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if isinstance(module, MSDeformAttn):
-                module._reset_parameters()
+        reset_deformable_parameters(self)
         if not self.two_stage:
             nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
             nn.init.constant_(self.reference_points.bias, 0.0)
-        nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 query_embed: Tensor | None = None):  # fmt: skip

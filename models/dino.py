@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from util.misc import NestedTensor, nested_tensor_from_tensor_list
+from util.misc import NestedTensor
 
 from .box_refinement import DINO_EPS, refine_boxes
 from .deformable_detr import (
@@ -27,18 +27,17 @@ from .deformable_detr import (
 )
 from .deformable_transformer import (
     DeformableTransformerDecoderLayer,
-    DeformableTransformerEncoder,
-    DeformableTransformerEncoderLayer,
     MultiScaleInput,
     box_sine_embedding,
+    build_encoder_and_decoder_layer,
     encoder_proposals,
     flatten_levels,
+    reset_deformable_parameters,
     scale_by_valid_ratios,
 )
 from .denoising import dn_post_process, prepare_for_cdn
 from .detr import MLP
 from .dino_criterion import DINOCriterion as SetCriterion  # published names
-from .ms_deform_attn import MSDeformAttn
 from .postprocess import PostProcessTopK as PostProcess
 
 __all__ = ["PostProcess", "SetCriterion", "DINO", "DINODecoder", "DINOTransformer", "build"]
@@ -105,33 +104,21 @@ class DINOTransformer(nn.Module):
         self.d_model = d_model
         self.nhead = nhead
         self.num_queries = num_queries
-        encoder_layer = DeformableTransformerEncoderLayer(
-            d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points
-        )
-        self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
-        decoder_layer = DeformableTransformerDecoderLayer(
-            d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points, attention
-        )
+        self.encoder, decoder_layer = build_encoder_and_decoder_layer(
+            d_model, nhead, num_encoder_layers, dim_feedforward, dropout, num_feature_levels, dec_n_points,
+            enc_n_points, attention,
+        )  # fmt: skip
         self.decoder = DINODecoder(decoder_layer, num_decoder_layers, d_model)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.tgt_embed = nn.Embedding(num_queries, d_model)
         nn.init.normal_(self.tgt_embed.weight)
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
-        self._reset_parameters()
+        # Published order: xavier on every matrix (overwriting tgt_embed's normal init), then the attention init.
+        reset_deformable_parameters(self)
         # Attached by DINO after this init (deep copies of the initialised shared heads).
         self.enc_out_class_embed: nn.Linear | None = None
         self.enc_out_bbox_embed: MLP | None = None
-
-    def _reset_parameters(self) -> None:
-        # Published order: xavier on every matrix (tgt_embed's normal init included), then the attention init.
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if isinstance(module, MSDeformAttn):
-                module._reset_parameters()
-        nn.init.normal_(self.level_embed)
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 dn_boxes_unact: Tensor | None = None, dn_content: Tensor | None = None,
@@ -229,12 +216,6 @@ class DINO(nn.Module):
             'aux_outputs' (earlier layers), 'interm_outputs' / 'interm_outputs_for_matching_pre' (selected encoder
             tokens) and 'dn_meta' (None in evaluation, else pad_size, num_dn_group and 'output_known_lbs_bboxes').
         """
-        if not isinstance(samples, NestedTensor):
-            samples = nested_tensor_from_tensor_list(samples)
-        if samples.mask is None:
-            images = samples.tensors
-            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-            samples = NestedTensor(images, mask)
         srcs, masks, pos = project_levels(self.backbone, self.input_proj, samples)
         dn_content, dn_boxes, attn_mask, dn_meta = prepare_for_cdn(
             targets, self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale, self.num_queries,
