@@ -179,3 +179,55 @@ def test_deformable_dynamic_export_matches_pytorch_at_other_sizes(tmp_path, reci
         assert (
             max(compare_with_onnxruntime(model, path, torch.randn(batch, 3, height, width), mask).values()) < TOLERANCE
         )
+
+
+# ------------------------------------------------------------------------------------- Deformable DETR
+
+DEFORMABLE_RECIPES = {  # tiny versions of the published recipes
+    "single_scale": ("--num_feature_levels", "1"),
+    "multi_scale": ("--num_feature_levels", "3"),
+    "two_stage": ("--num_feature_levels", "3", "--with_box_refine", "--two_stage"),
+}
+
+
+def _deformable(*flags):
+    torch.manual_seed(0)
+    args = parse_tiny_args("--model", "deformable_detr", *flags)
+    return build_model(args)[0].eval(), args
+
+
+@pytest.mark.parametrize("recipe", list(DEFORMABLE_RECIPES))
+def test_deformable_fixed_size_export_from_checkpoint_matches_pytorch(tmp_path, recipe):
+    """The CLI rebuilds Deformable DETR from its checkpoint; the deformable attention exports through
+    grid_sample (opset >= 16); onnxruntime equals PyTorch with and without padding."""
+    model, args = _deformable(*DEFORMABLE_RECIPES[recipe])
+    save_checkpoint({"model": model.state_dict(), "args": vars(args)}, tmp_path / "ckpt.pth")
+    out = tmp_path / "deformable.onnx"
+    flags = ["--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(out), "--height", "96", "--width", "128"]
+    report = main([*flags, "--with_mask", "--check"])
+    assert max(report.values()) < TOLERANCE
+    graph = onnx.load(str(out)).graph
+    assert any(node.op_type == "GridSample" for node in graph.node)
+    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == [1, 10, 91]  # no "no object"
+    images = torch.randn(1, 3, 96, 128)
+    mask = torch.zeros(1, 96, 128, dtype=torch.bool)
+    mask[0, :, 90:] = True  # a padded image of the export size
+    assert max(compare_with_onnxruntime(model, out, images, mask).values()) < TOLERANCE
+    assert model.aux_loss is True  # restored after the export
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the traced graph keeps the example's level sizes: models/deformable_transformer.py and "
+    "models/ms_deform_attn.py must take the level sizes from traced shapes (patch handed to the lead, issue 12)",
+)
+@pytest.mark.parametrize("recipe", list(DEFORMABLE_RECIPES))
+def test_deformable_dynamic_export_matches_pytorch_at_other_sizes(tmp_path, recipe):
+    model, _ = _deformable(*DEFORMABLE_RECIPES[recipe])
+    path = export_onnx(model, tmp_path / "dynamic.onnx", height=96, width=128, dynamic=True, with_mask=True)
+    for batch, height, width in ((1, 96, 128), (2, 80, 112), (2, 64, 192)):
+        mask = torch.zeros(batch, height, width, dtype=torch.bool)
+        mask[-1, :, width * 2 // 3 :] = True
+        assert (
+            max(compare_with_onnxruntime(model, path, torch.randn(batch, 3, height, width), mask).values()) < TOLERANCE
+        )
