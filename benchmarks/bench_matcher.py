@@ -117,7 +117,7 @@ def _same(a, b) -> bool:
 
 def micro_benchmark(device: str, repeats: int) -> list[list[str]]:
     matcher = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2)
-    sync = torch.cuda.synchronize if device == "cuda" else None
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
     rows = []
     for name, case in CASES.items():
         outputs, targets = make_case(*case, device=device)
@@ -139,8 +139,8 @@ def micro_benchmark(device: str, repeats: int) -> list[list[str]]:
     return rows
 
 
-def share_in_demo_steps(steps: int, threads: int) -> list[list[str]]:
-    """Time the matcher inside real demo-config training steps (float32 sdpa)."""
+def share_in_demo_steps(steps: int, threads: int, device: str = "cpu") -> list[list[str]]:
+    """Time the matcher inside real demo-config training steps (float32 sdpa) on ``device``."""
     import bench_train
 
     if threads > 0:
@@ -148,15 +148,19 @@ def share_in_demo_steps(steps: int, threads: int) -> list[list[str]]:
     spent: list[float] = []
     original = HungarianMatcher.match_layers
 
+    # The same clock as run_variant's step time: process CPU time on CPU, wall time on CUDA (where the matcher's
+    # copy of the cost matrices to the host synchronises).
+    clock = time.process_time if device == "cpu" else time.perf_counter
+
     def timed(self, *args, **kwargs):
-        tic = time.process_time()  # the step time of run_variant on CPU is process CPU time too
+        tic = clock()
         out = original(self, *args, **kwargs)
-        spent.append(time.process_time() - tic)
+        spent.append(clock() - tic)
         return out
 
     HungarianMatcher.match_layers = timed
     try:
-        result = bench_train.run_variant("demo", "sdpa", steps, 1, 0, "cpu")
+        result = bench_train.run_variant("demo", "sdpa", steps, 1, 0, device)
     finally:
         HungarianMatcher.match_layers = original
     matcher_s = statistics.median(spent[-steps:])
@@ -175,7 +179,7 @@ def share_from_json(path: Path, device: str, repeats: int) -> list[list[str]]:
     """Batched matcher time of the R50 case over each variant's step time in a bench_train JSON file."""
     matcher = HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2)
     outputs, targets = make_case(*CASES["r50 (B2 Q100 L6 T~7)"], device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else None
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
     t_batched, _ = _median_time(_batched, (matcher, outputs, targets), repeats, sync)
     rows = []
     for r in json.loads(path.read_text()):
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(header, micro_benchmark(opts.device, opts.repeats)), flush=True)
     share_rows = []
     if opts.demo_steps > 0:
-        share_rows += share_in_demo_steps(opts.demo_steps, opts.threads)
+        share_rows += share_in_demo_steps(opts.demo_steps, opts.threads, opts.device)
     if opts.train_json:
         share_rows += share_from_json(Path(opts.train_json), opts.device, opts.repeats)
     if share_rows:
