@@ -111,7 +111,9 @@ def test_the_argument_less_demo_records_its_command_and_never_reuses_a_finished_
 
 def test_resume_auto_without_output_dir_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="error: --resume auto .* pass --output_dir"):
-        main_module.cli([*TINY_FLAGS, "--resume", "auto", "--synthetic_dir", str(tmp_path)])
+        main_module.cli([*TINY_FLAGS, "--resume", "auto", "--synthetic_dir", str(tmp_path), "--epochs", "1",
+                         "--synthetic_train_size", "2", "--synthetic_val_size", "2", "--batch_size", "1",
+                         "--max_iters_per_epoch", "1"])  # fmt: skip
 
 
 def test_finetune_architecture_mismatch_is_one_line(tmp_path):
