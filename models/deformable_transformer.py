@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_refinement import refine_boxes
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, level_sizes
 from .transformer import MultiheadAttention
 
 __all__ = [
@@ -66,11 +66,11 @@ def valid_ratios(mask: Tensor) -> Tensor:
 
 def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor], level_embed: Tensor):
     """Per-level [B, D, H_l, W_l] features, [B, H_l, W_l] masks and positions -> ``MultiScaleInput``."""
-    shapes = [src.shape[-2:] for src in srcs]
     src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
     pos = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[lvl] for lvl, p in enumerate(pos_embeds)], 1)
     padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
-    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+    # _shape_as_tensor: traced sizes, so an exported graph accepts other image sizes (torchvision does the same).
+    spatial_shapes = torch.stack([torch._shape_as_tensor(s)[-2:] for s in srcs]).to(device=src.device)
     level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
     ratios = torch.stack([valid_ratios(m) for m in masks], 1)
     return MultiScaleInput(src, pos.to(src.dtype), padding_mask, spatial_shapes, level_start_index, ratios)
@@ -103,7 +103,7 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tens
     """
     batch = memory.shape[0]
     proposals, start = [], 0
-    for lvl, (height, width) in enumerate(spatial_shapes.tolist()):
+    for lvl, (height, width) in enumerate(level_sizes(spatial_shapes)):
         level_mask = padding_mask[:, start : start + height * width].view(batch, height, width)
         valid_h = (~level_mask[:, :, 0]).sum(1)
         valid_w = (~level_mask[:, 0, :]).sum(1)
@@ -117,7 +117,7 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tens
         centres = (grid[None] + 0.5) / scale
         sizes = torch.full_like(centres, 0.05 * 2.0**lvl)
         proposals.append(torch.cat((centres, sizes), -1).view(batch, -1, 4))
-        start += height * width
+        start = start + height * width
     proposals = torch.cat(proposals, 1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
@@ -162,10 +162,10 @@ class DeformableTransformerEncoder(nn.Module):
     def get_reference_points(spatial_shapes: Tensor, ratios: Tensor, device: torch.device) -> Tensor:
         """Each token's cell centre, normalised by its level's valid size, seen from every level -> [B, S, L, 2]."""
         points = []
-        for lvl, (height, width) in enumerate(spatial_shapes.tolist()):
-            ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
-                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),
+        for lvl, (height, width) in enumerate(level_sizes(spatial_shapes)):
+            ref_y, ref_x = torch.meshgrid(  # cell centres i + 0.5 (linspace(0.5, H - 0.5, H), traceable)
+                torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(width, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (ratios[:, None, lvl, 1] * height)

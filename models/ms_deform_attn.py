@@ -57,6 +57,14 @@ def _shapes_as_ints(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
+def level_sizes(spatial_shapes: SpatialShapes) -> list:
+    """(H, W) per level: ints, or while exporting the traced [L, 2] tensor's entries (so the graph keeps dynamic
+    image sizes instead of the example input's level sizes)."""
+    if isinstance(spatial_shapes, Tensor) and _is_exporting():
+        return [(spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]) for lvl in range(spatial_shapes.shape[0])]
+    return _shapes_as_ints(spatial_shapes)
+
+
 def _shapes_as_tensor(spatial_shapes: SpatialShapes, device: torch.device) -> Tensor:
     if isinstance(spatial_shapes, Tensor):
         return spatial_shapes.to(device=device, dtype=torch.long)
@@ -69,12 +77,11 @@ def _grid_sample_core(
     """Reference: one ``F.grid_sample`` per level. Shapes as in :func:`ms_deform_attn_core`."""
     b, _, m, d = value.shape
     _, q, _, n_levels, n_points, _ = sampling_locations.shape
-    shapes = _shapes_as_ints(spatial_shapes)
-    values = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1
-    sampled = []
-    for lvl, (h, w) in enumerate(shapes):
-        value_l = values[lvl].permute(0, 2, 3, 1).reshape(b * m, d, h, w)
+    sampled, start = [], 0
+    for lvl, (h, w) in enumerate(level_sizes(spatial_shapes)):
+        value_l = value[:, start : start + h * w].permute(0, 2, 3, 1).reshape(b * m, d, h, w)
+        start = start + h * w
         grid_l = grids[:, :, :, lvl].transpose(1, 2).reshape(b * m, q, n_points, 2)
         sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
     stacked = torch.stack(sampled, dim=-2).flatten(-2)  # [B*M, D, Q, L*P]

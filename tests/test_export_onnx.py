@@ -164,11 +164,6 @@ def test_deformable_fixed_size_export_from_checkpoint_matches_pytorch(tmp_path, 
     assert model.aux_loss is True  # restored after the export
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the traced graph keeps the example's level sizes: models/deformable_transformer.py and "
-    "models/ms_deform_attn.py must take the level sizes from traced shapes (patch handed to the lead, issue 12)",
-)
 @pytest.mark.parametrize("recipe", list(DEFORMABLE_RECIPES))
 def test_deformable_dynamic_export_matches_pytorch_at_other_sizes(tmp_path, recipe):
     model, _ = _deformable(*DEFORMABLE_RECIPES[recipe])
