@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_refinement import refine_boxes
-from .ms_deform_attn import MSDeformAttn, level_sizes
+from .ms_deform_attn import MSDeformAttn, _shapes_as_tensor, level_sizes
 from .transformer import MultiheadAttention
 
 __all__ = [
@@ -69,9 +69,12 @@ def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Ten
     src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
     pos = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[lvl] for lvl, p in enumerate(pos_embeds)], 1)
     padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
-    # _shape_as_tensor: traced sizes, so an exported graph accepts other image sizes (torchvision does the same).
-    spatial_shapes = torch.stack([torch._shape_as_tensor(s)[-2:] for s in srcs]).to(device=src.device)
-    level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+    if torch.compiler.is_exporting():  # torch.export: the symbolic (H, W) themselves (level_sizes passes them on)
+        spatial_shapes = [tuple(s.shape[-2:]) for s in srcs]
+        shapes = _shapes_as_tensor(spatial_shapes, src.device)
+    else:  # _shape_as_tensor: traced sizes, so an ONNX graph accepts other image sizes (torchvision does the same)
+        spatial_shapes = shapes = torch.stack([torch._shape_as_tensor(s)[-2:] for s in srcs]).to(device=src.device)
+    level_start_index = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
     ratios = torch.stack([valid_ratios(m) for m in masks], 1)
     return MultiScaleInput(src, pos.to(src.dtype), padding_mask, spatial_shapes, level_start_index, ratios)
 

@@ -62,12 +62,17 @@ def level_sizes(spatial_shapes: SpatialShapes) -> list:
     image sizes instead of the example input's level sizes)."""
     if isinstance(spatial_shapes, Tensor) and _is_exporting():
         return [(spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]) for lvl in range(spatial_shapes.shape[0])]
+    if torch.compiler.is_exporting():  # torch.export: (H, W) are SymInts; int() would fix the example's sizes
+        return [tuple(hw) for hw in spatial_shapes]
     return _shapes_as_ints(spatial_shapes)
 
 
 def _shapes_as_tensor(spatial_shapes: SpatialShapes, device: torch.device) -> Tensor:
     if isinstance(spatial_shapes, Tensor):
         return spatial_shapes.to(device=device, dtype=torch.long)
+    if torch.compiler.is_exporting():  # SymInt sizes: torch.as_tensor would fix them, torch.full keeps them symbolic
+        rows = [torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in hw]) for hw in spatial_shapes]
+        return torch.stack(rows)
     return torch.as_tensor(list(spatial_shapes), dtype=torch.long, device=device).view(-1, 2)
 
 
