@@ -48,6 +48,9 @@ pytestmark = [
 FAMILIES = {
     "detr": (),
     "deformable_detr": ("--model", "deformable_detr"),
+    # No denoising queries: their random noise is drawn from each device's own generator, so a CPU and a CUDA
+    # train step would differ by construction.
+    "dino": ("--model", "dino", "--dn_number", "0", "--num_select", "20"),
 }
 TOLERANCES = {  # amp: (outputs, relative loss, minimum cosine of the gradients)
     "off": (1e-4, 1e-4, 0.999),
@@ -121,6 +124,8 @@ def _weighted_loss(criterion, outputs, targets) -> torch.Tensor:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_forward_matches_cpu(family, amp):
     _skip_unsupported(amp)
+    if family == "dino" and amp != "off":
+        pytest.skip("DINO's top-k query selection may pick other proposals in reduced precision (float32 checked)")
     _, model, _, _ = _build(family)
     model.eval()
     samples, targets = _batch()
