@@ -35,6 +35,15 @@ TINY_FLAGS = [
 ]  # fmt: skip
 
 
+# Run flags per detector family (``--model`` first). DINO refuses --lr_backbone 0 (published: "Please set
+# lr_backbone > 0"), so its runs train the backbone slowly; few detections and denoising queries keep them fast.
+FAMILY_FLAGS = {
+    "detr": ("--model", "detr"),
+    "deformable_detr": ("--model", "deformable_detr"),
+    "dino": ("--model", "dino", "--lr_backbone", "1e-5", "--num_select", "20", "--dn_number", "4"),
+}
+
+
 def parse_tiny_args(*extra: str):
     """Parse the tiny model flags plus ``extra`` (later flags win)."""
     return get_args_parser().parse_args([*TINY_FLAGS, *extra])

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAMILY_FLAGS
 
 import models
 from models.matcher import HungarianMatcher
@@ -26,19 +27,34 @@ def _targets(generator: torch.Generator, counts=(3, 2)) -> list[dict]:
     return targets
 
 
-@pytest.fixture(params=["detr", "deformable_detr"])
+@pytest.fixture(params=["detr", "deformable_detr", "dino"])
 def tiny_detr(tiny_args, request):
-    args = tiny_args("--model", request.param, "--num_classes", "5", "--amp", "bf16")
+    args = tiny_args(*FAMILY_FLAGS[request.param], "--num_classes", "5", "--amp", "bf16")
     model, criterion, _ = models.build_model(args)
     generator = torch.Generator().manual_seed(1)
     images = [torch.randn(3, 64, 80, generator=generator), torch.randn(3, 56, 64, generator=generator)]
     return model, criterion, nested_tensor_from_tensor_list(images), _targets(generator)
 
 
+def _forward(model, samples, targets):
+    """The training forward; DINO also decodes its denoising queries (noise drawn from a fixed seed)."""
+    torch.manual_seed(5)
+    return model(samples, targets) if getattr(model, "needs_targets", False) else model(samples)
+
+
+def _float(value):
+    """Every tensor in nested outputs (DINO: encoder outputs, denoising outputs) upcast to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    if isinstance(value, dict):
+        return {k: _float(v) for k, v in value.items()}
+    return [_float(v) for v in value] if isinstance(value, list) else value
+
+
 def test_bf16_forward_loss_backward_on_cpu(tiny_detr):
     model, criterion, samples, targets = tiny_detr
     with autocast_context("cpu", "bf16"):
-        outputs = model(samples)
+        outputs = _forward(model, samples, targets)
         losses = criterion(outputs, targets)
     assert outputs["pred_logits"].dtype == torch.bfloat16  # the heads really ran in bf16
     # Deformable DETR's weight dict also names the two-stage '_enc' losses (published): weigh what was computed.
@@ -49,19 +65,18 @@ def test_bf16_forward_loss_backward_on_cpu(tiny_detr):
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     # bf16 stays close to the float32 model (same weights): a loose check that autocast did not break it.
     with torch.no_grad():
-        reference = sum(v * criterion.weight_dict[k] for k, v in criterion(model(samples), targets).items()
-                        if k in criterion.weight_dict)  # fmt: skip
+        again = criterion(_forward(model, samples, targets), targets)
+        reference = sum(v * criterion.weight_dict[k] for k, v in again.items() if k in criterion.weight_dict)
     assert abs(loss.item() - reference.item()) < 0.05 * abs(reference.item())
 
 
 def test_losses_under_autocast_equal_float32_losses_of_the_same_predictions(tiny_detr):
     model, criterion, samples, targets = tiny_detr
     with torch.no_grad(), autocast_context("cpu", "bf16"):
-        outputs = model(samples)
+        outputs = _forward(model, samples, targets)
         under_autocast = criterion(outputs, targets)
-    upcast = {k: v.float() for k, v in outputs.items() if k != "aux_outputs"}
-    upcast["aux_outputs"] = [{k: v.float() for k, v in aux.items()} for aux in outputs["aux_outputs"]]
-    plain = criterion(upcast, targets)
+    assert outputs.get("dn_meta", True) is not None  # DINO: the denoising losses are part of the comparison
+    plain = criterion(_float(outputs), targets)
     assert under_autocast.keys() == plain.keys()
     for name, value in under_autocast.items():
         assert value.dtype == torch.float32, name

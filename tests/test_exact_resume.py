@@ -1,5 +1,5 @@
-"""Exact resume on CPU (DETR and Deformable DETR): a run split by an epoch-boundary or a mid-epoch checkpoint equals the
-straight run bit for bit.
+"""Exact resume on CPU (DETR, Deformable DETR and DINO): a run split by an epoch-boundary or a mid-epoch checkpoint
+equals the straight run bit for bit.
 
 Dropout and the training augmentations (random flip/resize/crop, python ``random``) are on, so every generator
 the checkpoint restores matters. Loading uses ``--num_workers 0``: with worker processes the augmentation RNG
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import parse_tiny_args
+from conftest import FAMILY_FLAGS, parse_tiny_args
 
 import main as main_module
 from util.checkpoint import load_checkpoint
@@ -49,11 +49,11 @@ def _train_losses(out: Path) -> list[float]:
     return [line["train_loss"] for line in read_log(out / "log.txt")]
 
 
-@pytest.fixture(scope="module", params=["detr", "deformable_detr"])
+@pytest.fixture(scope="module", params=list(FAMILY_FLAGS))
 def straight(tmp_path_factory, request):
     """Two epochs without interruption: (data dir, output dir, model flags), for each family."""
     base = tmp_path_factory.mktemp(f"straight_{request.param}")
-    model = ("--model", request.param)
+    model = FAMILY_FLAGS[request.param]  # DINO: its denoising noise is drawn from the restored generators too
     _run(base / "data", base / "run", *model, "--epochs", "2")
     return base / "data", base / "run", model
 

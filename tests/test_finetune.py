@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import parse_tiny_args
+from conftest import FAMILY_FLAGS, parse_tiny_args
 
 from models import build_model
 from util.checkpoint import save_checkpoint
@@ -166,3 +166,74 @@ def test_deformable_finetune_through_load_weights_keeps_the_focal_prior(tmp_path
     prior = -math.log((1 - 0.01) / 0.01)
     torch.testing.assert_close(model.class_embed[0].bias, torch.full((5,), prior))
     assert "re-initialised class_embed.1.weight (checkpoint [91, 32] -> model [5, 32])" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- DINO
+
+DINO = FAMILY_FLAGS["dino"]
+DINO_CLASS_HEADS = [
+    f"{owner}.{p}"
+    for owner in ("class_embed.0", "class_embed.1", "transformer.decoder.class_embed.0",
+                  "transformer.decoder.class_embed.1", "transformer.enc_out_class_embed")
+    for p in ("weight", "bias")
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("keep_initial", [True, False], ids=["fresh_values", "reset_parameters"])
+def test_dino_91_class_checkpoint_to_5_classes(tmp_path, capsys, keep_initial):
+    """The shared class head (under all its names), the encoder's head and label_enc (the label book follows
+    num_classes) are re-initialised and listed; shared tensors stay shared; everything else is loaded."""
+    path, source = _save(tmp_path, *DINO)  # default dataset_file coco: 91 classes, label book 91 + 1 rows
+    model = _target(*DINO, "--num_classes", "5", "--num_queries", "7")
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    reinit = load_for_finetuning(model, str(path), keep_initial=keep_initial)
+
+    assert sorted(reinit) == sorted([*DINO_CLASS_HEADS, "label_enc.weight", "transformer.tgt_embed.weight"])
+    _assert_from_checkpoint(model, source, skip=reinit)
+    state = model.state_dict()
+    assert state["label_enc.weight"].shape == (6, 32) and state["transformer.tgt_embed.weight"].shape == (7, 32)
+    prior = torch.full((5,), -math.log((1 - 0.01) / 0.01))
+    if keep_initial:  # the fresh build's values: the focal prior on every class bias
+        for name in reinit:
+            torch.testing.assert_close(state[name], fresh[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(state["transformer.enc_out_class_embed.bias"], prior)
+    else:  # the modules' own init: nn.Linear's kaiming bound, nn.Embedding's N(0, 1)
+        assert state["class_embed.0.bias"].abs().max() <= 1 / math.sqrt(32)
+        assert 0.5 < state["label_enc.weight"].std() < 1.5
+    heads, decoder = model.class_embed, model.transformer.decoder
+    assert heads[0] is heads[1] and all(a is b for a, b in zip(decoder.class_embed, heads))  # one shared head
+    assert len({state[f"{n}.weight"].data_ptr() for n in ("class_embed.0", "transformer.decoder.class_embed.1")}) == 1
+    assert model.transformer.enc_out_class_embed is not heads[0]  # the encoder's copy stays separate
+
+    printed = capsys.readouterr().out
+    assert printed.count("re-initialised") == len(reinit)
+    assert "re-initialised label_enc.weight (checkpoint [92, 32] -> model [6, 32])" in printed
+    assert "re-initialised transformer.enc_out_class_embed.weight (checkpoint [91, 32] -> model [5, 32])" in printed
+
+
+def test_dino_finetune_with_a_set_label_book_keeps_label_enc(tmp_path):
+    path, source = _save(tmp_path, *DINO)
+    model = _target(*DINO, "--num_classes", "5", "--dn_labelbook_size", "91")
+    reinit = load_for_finetuning(model, str(path), verbose=False, keep_initial=True)
+    assert sorted(reinit) == sorted(DINO_CLASS_HEADS)  # label_enc [92, 32] fits: loaded
+    torch.testing.assert_close(model.label_enc.weight, source["label_enc.weight"], rtol=0, atol=0)
+
+
+def test_dino_finetune_flag_trains_on_other_classes(tmp_path, capsys):
+    """main.py --finetune from a 91-class DINO checkpoint on the generated data (13 classes): one flag, one epoch."""
+    import main as main_module
+    from util.checkpoint import load_checkpoint
+
+    path, source = _save(tmp_path, *DINO)
+    args = parse_tiny_args(*DINO, "--finetune", str(path), "--synthetic_dir", str(tmp_path / "data"),
+                           "--synthetic_train_size", "2", "--synthetic_val_size", "1", "--input_scale", "0.1",
+                           "--batch_size", "2", "--epochs", "1", "--no_progress",
+                           "--output_dir", str(tmp_path / "run"))  # fmt: skip
+    args._explicit = frozenset({"device"})
+    main_module.main(args)
+    printed = capsys.readouterr().out
+    assert "re-initialised label_enc.weight (checkpoint [92, 32] -> model [14, 32])" in printed
+    assert "re-initialised class_embed.1.weight (checkpoint [91, 32] -> model [13, 32])" in printed
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pth")["model"]
+    assert state["transformer.decoder.class_embed.0.weight"].shape == (13, 32)
+    assert state["label_enc.weight"].shape == (14, 32) and state["transformer.enc_out_class_embed.bias"].shape == (13,)
