@@ -211,3 +211,65 @@ def test_torch_hub_load_of_a_deformable_entry(recorded_deformable_builds, no_net
     assert model.two_stage and recorded_deformable_builds[-1]["model"] == "deformable_detr"
     with pytest.raises(TypeError, match="unknown model option 'two_stages'"):
         hubconf.deformable_detr_resnet50(two_stages=True)
+
+
+# ------------------------------------------------------------------------------------- DINO
+
+DINO_ENTRIES = {"dino_resnet50_4scale": (4, [1, 2, 3]), "dino_resnet50_5scale": (5, [0, 1, 2, 3])}
+
+
+def test_every_dino_entry_builds_its_published_recipe_offline(recorded_deformable_builds, no_network):
+    from models.postprocess import PostProcessTopK
+
+    for name, (levels, stages) in DINO_ENTRIES.items():
+        model, postprocessor = getattr(hubconf, name)(return_postprocessor=True)
+        args = recorded_deformable_builds[-1]
+        assert args["model"] == "dino" and args["num_feature_levels"] == levels, name
+        assert list(args["return_interm_indices"]) == stages, name
+        # The family's published 4-scale defaults.
+        assert (args["num_queries"], args["dim_feedforward"], args["lr"], args["lr_backbone"], args["dn_number"]) == (
+            900, 2048, 1e-4, 1e-5, 100
+        ), name  # fmt: skip
+        assert args["num_classes"] == 91 and args["backbone"] == "resnet50" and args["backbone_weights"] == "none"
+        assert isinstance(postprocessor, PostProcessTopK) and postprocessor.num_select == 300
+        assert model.transformer.level_embed.shape[0] == levels and model.label_enc.num_embeddings == 92
+    assert set(DINO_ENTRIES) == set(hubconf.DINO_RECIPES)
+
+
+@pytest.mark.parametrize("name", list(DINO_ENTRIES))
+def test_dino_resnet50_has_the_published_size(no_network, name):
+    model = getattr(hubconf, name)()
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 47  # "47M" in the DINO paper's tables
+    arch = infer_architecture(model.state_dict())
+    assert (arch["num_classes"], arch["num_queries"], arch["dn_labelbook_size"]) == (91, 900, 91)
+    assert arch["num_feature_levels"] == DINO_ENTRIES[name][0]
+
+
+def test_dino_pretrained_needs_a_local_checkpoint(recorded_deformable_builds, no_network, tmp_path):
+    with pytest.raises(ValueError, match=r"no direct download URL .*IDEA-Research/DINO.*checkpoint="):
+        hubconf.dino_resnet50_4scale(pretrained=True)
+    assert recorded_deformable_builds == []
+
+    reference = hubconf.dino_resnet50_4scale().state_dict()
+    for value in reference.values():
+        value.add_(1)
+    path = tmp_path / "dino.pth"
+    torch.save({"model": reference}, path)
+    model = hubconf.dino_resnet50_4scale(pretrained=True, checkpoint=str(path))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+
+    # Another num_classes: class heads and label_enc re-initialised (label book 3 + 1), the rest loaded.
+    model = hubconf.dino_resnet50_4scale(checkpoint=str(path), num_classes=3)
+    assert model.class_embed[1].weight.shape == (3, 32) and model.label_enc.weight.shape == (4, 32)
+    assert model.class_embed[0] is model.class_embed[1] is model.transformer.decoder.class_embed[0]
+    torch.testing.assert_close(model.transformer.enc_out_class_embed.bias, torch.full((3,), -math.log(99)))
+    tgt = reference["transformer.tgt_embed.weight"]
+    torch.testing.assert_close(model.transformer.tgt_embed.weight, tgt, rtol=0, atol=0)
+
+
+def test_torch_hub_load_of_a_dino_entry(recorded_deformable_builds, no_network):
+    model = torch.hub.load(str(ROOT), "dino_resnet50_5scale", source="local", trust_repo=True)
+    assert model.transformer.level_embed.shape[0] == 5 and recorded_deformable_builds[-1]["model"] == "dino"
+    with pytest.raises(TypeError, match="unknown model option 'dn_numbr'"):
+        hubconf.dino_resnet50_4scale(dn_numbr=3)

@@ -9,21 +9,24 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import parse_tiny_args
+from conftest import FAMILY_FLAGS, parse_tiny_args
 from PIL import Image
 
 import predict
 from models import build_model
+from models.box_refinement import DINO_EPS
 from util.checkpoint import save_checkpoint
 from util.class_names import COCO_CLASSES, resolve_class_names
 from util.misc import nested_tensor_from_tensor_list
 
 SIZES = [(64, 48), (40, 72), (56, 56)]  # (width, height)
-FAMILIES = ["detr", "deformable_detr"]
+FAMILIES = list(FAMILY_FLAGS)
+# Detections kept per image by the top-k postprocessors: Deformable DETR 100, DINO --num_select (FAMILY_FLAGS).
+TOP_K = {"deformable_detr": 100, "dino": 20}
 
 
 def _family_flags(family):
-    return ("--model", family)
+    return FAMILY_FLAGS[family]
 
 
 def _images(folder, color=None):
@@ -74,10 +77,10 @@ def _expected_detections(outputs, offset, family):
     if family == "detr":  # softmax over K + 1 classes, the best real class per query
         score, label = outputs["pred_logits"][offset].softmax(-1)[:, :-1].max(-1)
         return [(int(lab), float(sc), q) for q, (lab, sc) in enumerate(zip(label, score))]
-    prob = outputs["pred_logits"][offset].sigmoid()  # Deformable DETR: the best (query, class) pairs
+    prob = outputs["pred_logits"][offset].sigmoid()  # Deformable DETR, DINO: the best (query, class) pairs
     num_classes = prob.shape[1]
     ranked = sorted(((float(p), q, c) for (q, c), p in np.ndenumerate(prob.numpy())), key=lambda x: -x[0])
-    return [(c, sc, q) for sc, q, c in ranked[: min(100, prob.numel())]] if num_classes else []
+    return [(c, sc, q) for sc, q, c in ranked[: min(TOP_K[family], prob.numel())]] if num_classes else []
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -119,7 +122,7 @@ def test_predictions_json_matches_the_model_outputs(tmp_path, family):
                 cx, cy, w, h = outputs["pred_boxes"][offset, query].tolist()
                 x0, y0 = (cx - w / 2) * image.width, (cy - h / 2) * image.height
                 expected.append((start + offset, str(path), label, [x0, y0, w * image.width, h * image.height], score))
-    per_image = args.num_queries if family == "detr" else 100  # Deformable DETR keeps the top 100 (of Q x 91)
+    per_image = args.num_queries if family == "detr" else TOP_K[family]  # the top-k of Q x 91 (query, class) pairs
     assert len(results) == len(expected) == len(paths) * per_image
     for result, (image_id, file_name, label, bbox, score) in zip(results, expected):
         assert (result["image_id"], result["file_name"], result["category_id"]) == (image_id, file_name, label)
@@ -132,7 +135,9 @@ def _plant_center_box(model):
     """Every query predicts class 1 with logit 2 (the others 0) and the box (cx, cy, w, h) = (.5, .5, .5, .5).
 
     DETR's score is e^2 / (e^2 + 3) (softmax with "no object"); Deformable DETR's sigmoid(2). Deformable DETR's
-    box is relative to its reference point: zero reference weights put it at sigmoid(0) = 0.5.
+    box is relative to its reference point: zero reference weights put it at sigmoid(0) = 0.5. DINO's reference
+    boxes come from the encoder: a -1e4 encoder box bias makes them 0 (logit log(1e-3) = c after its clamp); then the
+    L look-forward-twice layers with a box bias b end at sigmoid(L * b + c), so b = -c / L gives 0.5.
     """
     class_heads = model.class_embed if isinstance(model.class_embed, torch.nn.ModuleList) else [model.class_embed]
     box_heads = model.bbox_embed if isinstance(model.bbox_embed, torch.nn.ModuleList) else [model.bbox_embed]
@@ -147,6 +152,12 @@ def _plant_center_box(model):
         if hasattr(model.transformer, "reference_points"):
             model.transformer.reference_points.weight.zero_()
             model.transformer.reference_points.bias.zero_()
+        if hasattr(model, "label_enc"):  # DINO
+            encoder_box = model.transformer.enc_out_bbox_embed.layers[-1]
+            encoder_box.weight.zero_()
+            encoder_box.bias.fill_(-1e4)
+            for head in box_heads:  # one shared head
+                head.layers[-1].bias.fill_(-math.log(DINO_EPS) / len(box_heads))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -179,8 +190,9 @@ def test_drawn_png_and_class_names_from_checkpoint(tmp_path, family):
         assert result["bbox"] == pytest.approx([width / 4, height / 4, width / 2, height / 2], abs=1e-3)
     with Image.open(out / "img0.png") as drawn:
         pixels = drawn.convert("RGB")
-        # The box's left edge (x = 16, mid-height) carries the class-1 colour; the box centre stays gray.
-        assert pixels.getpixel((width // 4, height // 2)) == (0, 255, 0)
+        # The box's left edge (x = 16, mid-height; drawn at the whole pixel below, so 15 for DINO's 15.999998)
+        # carries the class-1 colour; the box centre stays gray.
+        assert pixels.getpixel((int(results[0]["bbox"][0]), height // 2)) == (0, 255, 0)
         assert pixels.getpixel((width // 2, height // 2 + 4)) == (128, 128, 128)
 
     # Above every score: nothing kept.
