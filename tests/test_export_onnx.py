@@ -7,7 +7,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import parse_tiny_args
+from conftest import FAMILY_FLAGS, parse_tiny_args
 
 from models import build_model
 from tools.export_onnx import compare_with_onnxruntime, export_onnx, main
@@ -174,3 +174,40 @@ def test_deformable_dynamic_export_matches_pytorch_at_other_sizes(tmp_path, reci
         assert (
             max(compare_with_onnxruntime(model, path, torch.randn(batch, 3, height, width), mask).values()) < TOLERANCE
         )
+
+
+# ------------------------------------------------------------------------------------- DINO
+
+DINO_RECIPES = {  # tiny versions of the published 4-scale and 5-scale models
+    "4scale": FAMILY_FLAGS["dino"],
+    "5scale": (*FAMILY_FLAGS["dino"], "--num_feature_levels", "5", "--return_interm_indices", "0", "1", "2", "3"),
+}
+
+
+@pytest.mark.parametrize("recipe", list(DINO_RECIPES))
+def test_dino_dynamic_export_from_checkpoint_matches_onnxruntime(tmp_path, recipe):
+    """The CLI rebuilds DINO from its checkpoint and exports it with dynamic sizes and the mask input (top-k query
+    selection included); onnxruntime equals PyTorch at the export size and at other padded sizes."""
+    torch.manual_seed(0)
+    args = parse_tiny_args(*DINO_RECIPES[recipe])
+    model = build_model(args)[0].eval()
+    save_checkpoint({"model": model.state_dict(), "args": vars(args)}, tmp_path / "ckpt.pth")
+    out = tmp_path / "dino.onnx"
+    flags = ["--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(out), "--height", "96", "--width", "128"]
+    report = main([*flags, "--dynamic", "--with_mask", "--check"])
+    assert len(report) == 4 and max(report.values()) < TOLERANCE
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert {"GridSample", "TopK"} <= ops
+    for batch, height, width in ((2, 80, 112), (1, 136, 72)):
+        mask = torch.zeros(batch, height, width, dtype=torch.bool)
+        mask[-1, height * 3 // 4 :, width // 2 :] = True
+        diffs = compare_with_onnxruntime(model, out, torch.randn(batch, 3, height, width), mask)
+        assert max(diffs.values()) < TOLERANCE, diffs
+
+
+def test_dino_export_needs_as_many_encoder_tokens_as_queries(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(parse_tiny_args(*FAMILY_FLAGS["dino"], "--num_queries", "300"))[0].eval()
+    # 96 x 128: 12*16 + 6*8 + 3*4 + 2*2 = 256 tokens for 300 queries.
+    with pytest.raises(ValueError, match="96x128: too few encoder tokens for the model's top-300 query selection"):
+        export_onnx(model, tmp_path / "small.onnx", height=96, width=128)

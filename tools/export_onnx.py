@@ -11,6 +11,11 @@ Segmentation models export their detector. The default exporter is torch's Torch
 needs nothing beyond onnx; ``--exporter dynamo`` uses the torch.export-based one (needs onnxscript) and writes
 opset 18 or later (its Split nodes carry ``num_outputs``, an opset-18 attribute). Every written file is checked
 with ``onnx.checker``. For a ``torch.export`` program (.pt2) see tools/export.py.
+
+Deformable DETR and DINO export the same way (the deformable attention through ``GridSample``, opset >= 16), with
+dynamic sizes too. DINO selects its ``num_queries`` queries among the encoder tokens (one per feature cell of
+every level, about H * W / 48 for 4 scales), so the export size and every image given to the graph need at least
+that many tokens (900 for the published model: about 210 x 210 pixels and up).
 """
 
 from __future__ import annotations
@@ -130,7 +135,17 @@ def export_onnx(
         # The legacy exporter's deprecation notice and tracer warnings about Python loops are expected here.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(wrapper, inputs, str(output), **kwargs)
+        try:
+            torch.onnx.export(wrapper, inputs, str(output), **kwargs)
+        except RuntimeError as err:
+            if "selected index k out of range" not in str(err):
+                raise
+            # DINO's query selection: the top num_queries encoder tokens (one per cell of every level).
+            queries = getattr(wrapper.detr, "num_queries", "?")
+            raise ValueError(
+                f"{height}x{width}: too few encoder tokens for the model's top-{queries} query selection; export at "
+                "a larger --height/--width (images given to the graph need that many tokens too)"
+            ) from None
     import onnx
 
     onnx.checker.check_model(str(output))  # an invalid graph fails here, not later in a runtime
