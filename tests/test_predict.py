@@ -253,6 +253,23 @@ def test_published_style_deformable_checkpoint_rebuilds_its_family(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
 
 
+def test_published_style_dino_checkpoint_rebuilds_its_family(tmp_path):
+    """A published DINO file: a Namespace with the published 'modelname' and no --model; keys give the rest."""
+    flags = ("--num_feature_levels", "3", "--num_queries", "7", "--num_classes", "5", "--dn_labelbook_size", "8")
+    args = parse_tiny_args(*FAMILY_FLAGS["dino"], *flags)
+    model = build_model(args)[0]
+    published = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("model", "backbone_weights")})
+    published.modelname = "dino"
+    published.num_queries = published.dn_labelbook_size = 999  # wrong stored values: the state dict wins
+    path = tmp_path / "checkpoint0011_4scale.pth"
+    torch.save({"model": model.state_dict(), "args": published}, path)
+    loaded, postprocessors, margs, _ = predict.load_model(str(path))
+    assert (margs.model, margs.num_queries, margs.dn_labelbook_size, margs.num_classes) == ("dino", 7, 8, 5)
+    assert postprocessors["bbox"].num_select == 20  # the stored --num_select
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_class_name_resolution(tmp_path):
     cats = tmp_path / "cats.json"
     cats.write_text(json.dumps({"categories": [{"id": 1, "name": "widget"}, {"id": 2, "name": "gadget"}]}))
