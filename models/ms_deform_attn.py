@@ -26,6 +26,7 @@ tensor of shapes becomes a constant under the ONNX tracer).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -157,6 +158,28 @@ def _corner_rows_and_weights(
     return rows.view(n_batch * q * m, -1), folded.view(n_batch * q * m, -1)
 
 
+def _row_dots(grad_out: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """dots[n, k] = <grad_out[n], table[rows[n, k]]>: the gradient of the weighted row sum w.r.t. its weights.
+
+    On CPU a sampled dense-dense product (``torch.sparse.sampled_addmm`` at the N x K positions) computes it about
+    4x faster than embedding_bag's own per-sample-weights backward; elsewhere that backward is used.
+    """
+    n, k = rows.shape
+    if grad_out.device.type == "cpu":
+        index_dtype = rows.dtype if n * k < 2**31 else torch.long  # int32 rows: no int64 copy of the indices
+        crow = torch.arange(0, n * k + 1, k, dtype=index_dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta": only its dense values are used
+            positions = torch.sparse_csr_tensor(
+                crow, rows.reshape(-1).to(index_dtype), grad_out.new_zeros(n * k), (n, table.shape[0]), check_invariants=False
+            )
+            return torch.sparse.sampled_addmm(positions, grad_out, table.t(), beta=0.0).values().view(n, k)
+    with torch.enable_grad():
+        leaf = grad_out.new_zeros(n, k).requires_grad_()
+        out = F.embedding_bag(rows, table.detach(), per_sample_weights=leaf, mode="sum")
+        return torch.autograd.grad(out, leaf, grad_out)[0]
+
+
 class _WeightedRows(torch.autograd.Function):
     """out[n] = sum_k weights[n, k] * table[rows[n, k]] over the 4 corners k of each of the L * P points.
 
@@ -194,10 +217,7 @@ class _WeightedRows(torch.autograd.Function):
                     source = corner_sum.view_as(per_batch)[:, start : end - step]
                     per_batch[:, start + step : end] += source
         if ctx.needs_input_grad[2]:
-            with torch.enable_grad():
-                leaf = weights.detach().requires_grad_()
-                out = F.embedding_bag(rows, table.detach(), per_sample_weights=leaf, mode="sum")
-                (grad_weights,) = torch.autograd.grad(out, leaf, grad_out)
+            grad_weights = _row_dots(grad_out, table, rows)
         return grad_table, None, grad_weights, None
 
 
