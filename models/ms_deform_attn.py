@@ -170,9 +170,8 @@ def _row_dots(grad_out: Tensor, table: Tensor, rows: Tensor) -> Tensor:
         crow = torch.arange(0, n * k + 1, k, dtype=index_dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta": only its dense values are used
-            positions = torch.sparse_csr_tensor(
-                crow, rows.reshape(-1).to(index_dtype), grad_out.new_zeros(n * k), (n, table.shape[0]), check_invariants=False
-            )
+            cols, values = rows.reshape(-1).to(index_dtype), grad_out.new_zeros(n * k)
+            positions = torch.sparse_csr_tensor(crow, cols, values, (n, table.shape[0]), check_invariants=False)
             return torch.sparse.sampled_addmm(positions, grad_out, table.t(), beta=0.0).values().view(n, k)
     with torch.enable_grad():
         leaf = grad_out.new_zeros(n, k).requires_grad_()
