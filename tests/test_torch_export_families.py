@@ -2,9 +2,8 @@
 
 The deformable attention switches to its grid_sample path while exporting and keeps the level sizes symbolic
 (models/ms_deform_attn.py ``level_sizes``), so the program equals the eager model within 1e-5 on image sizes other
-than the export size. Uses tools/export.py's interface (``TensorInterface``, ``final_layer_only``,
-``example_inputs``, ``compare_with_eager``) with its own size range: a 4-level model's extra stride-64 level needs
-2 cells per side, so sides start at 65 here (``tools.export.MIN_SIDE`` is 64, enough for DETR's stride 32).
+than the export size. Uses tools/export.py (``export_program``, whose smallest side follows the
+levels: a 4-level model's extra stride-64 level needs 2 cells per side, so sides start at 65; DETR's at 64).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import torch
 from conftest import FAMILY_FLAGS, parse_tiny_args
 
 from models import build_model
-from tools.export import TensorInterface, compare_with_eager, example_inputs, final_layer_only
+from tools.export import compare_with_eager, example_inputs, export_program, min_side
 
 TOLERANCE = 1e-5
 EXPORT_SIZE = (2, 96, 128)  # batch, height, width of the example input
@@ -29,14 +28,8 @@ MODELS = {
 
 
 def export_family_program(model: torch.nn.Module) -> torch.export.ExportedProgram:
-    batch = torch.export.Dim("batch", min=1, max=64)
-    rows = torch.export.Dim("height", min=MIN_SIDE, max=2048)
-    cols = torch.export.Dim("width", min=MIN_SIDE, max=2048)
-    shapes = {"images": {0: batch, 2: rows, 3: cols}, "mask": {0: batch, 1: rows, 2: cols}}
-    with final_layer_only(model), torch.no_grad():
-        return torch.export.export(
-            TensorInterface(model.eval()).eval(), example_inputs(*EXPORT_SIZE), dynamic_shapes=shapes, strict=False
-        )
+    assert min_side(model) == MIN_SIDE  # tools/export.py derives the smallest side from the levels
+    return export_program(model, *EXPORT_SIZE[1:], batch_size=EXPORT_SIZE[0])
 
 
 @pytest.mark.slow

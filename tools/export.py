@@ -79,6 +79,20 @@ def example_inputs(
     return images, mask
 
 
+def min_side(model: nn.Module) -> int:
+    """Smallest dynamic image side of ``model``: its coarsest feature map needs 2 cells per side.
+
+    DETR: ``MIN_SIDE``. Deformable DETR / DINO add stride-2 levels after the last backbone stage (stride <= 32), so
+    with e = extra levels the coarsest stride is at most 32 * 2^e and one pixel more gives it 2 cells.
+    """
+    levels = getattr(model, "num_feature_levels", 1)
+    backbone = getattr(model, "backbone", None)
+    if levels <= 1 or backbone is None:
+        return MIN_SIDE
+    extra = levels - len(backbone[0].stage_channels)
+    return max(MIN_SIDE, 32 * 2**extra + 1)
+
+
 def export_program(
     model: nn.Module, height: int = 800, width: int = 1066, batch_size: int = 2, dynamic: bool = True
 ) -> torch.export.ExportedProgram:
@@ -94,8 +108,9 @@ def export_program(
     Returns:
         The ExportedProgram (``torch.export.save`` writes it; ``.module()`` runs it).
     """
-    if dynamic and not (MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
-        raise ValueError(f"--height/--width must lie in {MIN_SIDE}..{MAX_SIDE} for a dynamic export")
+    smallest = min_side(model)
+    if dynamic and not (smallest <= height <= MAX_SIDE and smallest <= width <= MAX_SIDE):
+        raise ValueError(f"--height/--width must lie in {smallest}..{MAX_SIDE} for a dynamic export of this model")
     if dynamic and batch_size < 2:
         raise ValueError("--batch_size must be at least 2 for a dynamic export (torch.export specialises 1)")
     interface = TensorInterface(model.eval()).eval()
@@ -104,8 +119,8 @@ def export_program(
     shapes = None
     if dynamic:
         batch = torch.export.Dim("batch", min=1, max=1024)
-        rows = torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE)
-        cols = torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+        rows = torch.export.Dim("height", min=smallest, max=MAX_SIDE)
+        cols = torch.export.Dim("width", min=smallest, max=MAX_SIDE)
         shapes = {"images": {0: batch, 2: rows, 3: cols}, "mask": {0: batch, 1: rows, 2: cols}}
     with final_layer_only(model), torch.no_grad():
         return torch.export.export(interface, inputs, dynamic_shapes=shapes, strict=False)
@@ -159,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         program = export_program(model, args.height, args.width, args.batch_size, dynamic=not args.static)
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
+    except RuntimeError as err:  # torch.export's guard failures are long; keep the first line
+        raise SystemExit(f"error: torch.export failed: {str(err).strip().splitlines()[0]}") from None
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(output))
@@ -168,8 +185,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     sizes = [(args.batch_size, args.height, args.width)]
     if not args.static:  # two other batch sizes and image sizes
         sizes += [
-            (1, max(MIN_SIDE, args.height * 3 // 4), args.width + 32),
-            (3, args.height + 40, max(MIN_SIDE, args.width // 2)),
+            (1, max(min_side(model), args.height * 3 // 4), args.width + 32),
+            (3, args.height + 40, max(min_side(model), args.width // 2)),
         ]
     loaded = torch.export.load(str(output))
     report = {}
