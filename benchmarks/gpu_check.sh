@@ -57,8 +57,8 @@ VARIANTS="math,sdpa,bf16,channels_last,bf16_cl"
 run "$PY" benchmarks/bench_train.py --device cuda --configs r50_800,r50_512,demo --variants "$VARIANTS" \
     --iters 10 --warmup 2 --infer_iters 5 --json "$OUT/bench_train.json"
 # Deformable DETR and DINO R50 train steps side by side (sdpa and bf16; 'math' = the published explicit attention).
-run "$PY" benchmarks/bench_train.py --device cuda --configs deformable_800,dino_800 --variants math,sdpa,bf16 \
-    --iters 5 --warmup 2 --infer_iters 3 --json "$OUT/bench_train_families.json"
+run "$PY" benchmarks/bench_train.py --device cuda --configs deformable_800,dino_800 --variants math,sdpa \
+    --iters 3 --warmup 1 --infer_iters 2 --json "$OUT/bench_train_families.json"
 run "$PY" benchmarks/bench_matcher.py --device cuda --repeats 20 --demo_steps 5 --train_json "$OUT/bench_train.json"
 run "$PY" benchmarks/bench_eval.py --images 1000 --skip_project
 if [ -f benchmarks/bench_msda.py ]; then
