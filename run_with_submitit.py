@@ -20,11 +20,13 @@ from types import ModuleType
 from typing import Any
 
 import main as detr_main
+from util.arguments import FamilyArgumentParser
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """main.py's flags plus the SLURM launch flags."""
-    parser = argparse.ArgumentParser(
+    # The family-aware parser class, so --model picks its published defaults here too.
+    parser = FamilyArgumentParser(
         "DETR on SLURM (submitit)", parents=[detr_main.get_args_parser(add_help=False)], add_help=True
     )
     group = parser.add_argument_group("SLURM launch")

@@ -253,3 +253,12 @@ def test_recipe_configs(config, levels, epochs, lr_drop):
     assert (args.model, args.num_feature_levels, args.epochs, args.lr_drop) == ("dino", levels, epochs, lr_drop)
     assert args.return_interm_indices == ([0, 1, 2, 3] if levels == 5 else [1, 2, 3])
     assert (args.num_queries, args.dim_feedforward, args.lr, args.dn_number) == (900, 2048, 1e-4, 100)
+
+
+def test_submitit_launcher_parser_applies_the_family_defaults():
+    import run_with_submitit
+
+    args = run_with_submitit.get_args_parser().parse_args(["--model", "dino", "--ngpus", "4"])
+    assert (args.lr, args.num_queries, args.dim_feedforward, args.ngpus) == (1e-4, 900, 2048, 4)
+    args = run_with_submitit.get_args_parser().parse_args(["--model", "deformable_detr", "--lr", "1e-3"])
+    assert (args.lr, args.num_queries, args.lr_backbone) == (1e-3, 300, 2e-5)
