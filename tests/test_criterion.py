@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from oracles import giou_cxcywh
 
 from models.criterion import SetCriterion
 from models.matcher import HungarianMatcher
@@ -49,19 +50,6 @@ def _case():
     return {"pred_logits": logits, "pred_boxes": boxes}, targets
 
 
-def _xyxy(box):
-    cx, cy, w, h = box
-    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-
-
-def _giou(a, b) -> float:
-    a, b = _xyxy(a), _xyxy(b)
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    enclosing = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return inter / union - (enclosing - union) / enclosing
-
-
 def _expected(outputs, targets, indices):
     """Plain-Python losses: weighted-mean CE, L1 and 1 - GIoU summed over matches / number of boxes."""
     logits, boxes = outputs["pred_logits"].tolist(), outputs["pred_boxes"].tolist()
@@ -81,7 +69,7 @@ def _expected(outputs, targets, indices):
             weight_sum += weight
         for q, t in zip(rows, cols):
             l1 += sum(abs(p - g) for p, g in zip(boxes[b][q], tgt_boxes[t]))
-            giou += 1 - _giou(boxes[b][q], tgt_boxes[t])
+            giou += 1 - giou_cxcywh(boxes[b][q], tgt_boxes[t])
             correct += int(max(range(4), key=lambda c, q=q: logits[b][q][c]) == labels[t])
             matched += 1
         predicted = sum(1 for row in logits[b] if max(range(4), key=lambda c, row=row: row[c]) != NUM_CLASSES)

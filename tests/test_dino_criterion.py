@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 import pytest
 import torch
 from conftest import parse_tiny_args
+from oracles import focal_term, giou_cxcywh
 
 from models.dino_criterion import DINOCriterion, build_dino_criterion, build_dino_weight_dict, dn_positive_indices
 from models.focal_criterion import FocalSetCriterion
@@ -62,22 +62,6 @@ def _outputs(num_aux: int = 1, queries: int = 5, seed: int = 0) -> dict:
     return outputs
 
 
-def _focal(x: float, y: int) -> float:
-    p = 1 / (1 + math.exp(-x))
-    p_t = p if y else 1 - p
-    return -(ALPHA if y else 1 - ALPHA) * (1 - p_t) ** 2 * math.log(p_t)
-
-
-def _giou(a, b, eps: float) -> float:
-    """DINO's GIoU of two cxcywh boxes: IoU = inter / (union + eps), GIoU = IoU - (C - union) / (C + eps)."""
-    a = [a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2]
-    b = [b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2]
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    enclosing = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return inter / (union + eps) - (enclosing - union) / (enclosing + eps)
-
-
 def _expected(output, targets, pairs, normaliser: float, eps: float = 1e-6) -> dict:
     """Plain-Python DINO losses of one output; pairs[b] = list of (query, target)."""
     logits, boxes = output["pred_logits"].tolist(), output["pred_boxes"].tolist()
@@ -86,11 +70,13 @@ def _expected(output, targets, pairs, normaliser: float, eps: float = 1e-6) -> d
     for b, target in enumerate(targets):
         labels, tgt_boxes = target["labels"].tolist(), target["boxes"].tolist()
         positive = {(q, labels[t]) for q, t in pairs[b]}
-        focal += sum(_focal(x, int((q, c) in positive)) for q, row in enumerate(logits[b]) for c, x in enumerate(row))
+        focal += sum(
+            focal_term(x, int((q, c) in positive)) for q, row in enumerate(logits[b]) for c, x in enumerate(row)
+        )
         for q, t in pairs[b]:
             diff = [abs(p - g) for p, g in zip(boxes[b][q], tgt_boxes[t])]
             l1, xy, hw = l1 + sum(diff), xy + diff[0] + diff[1], hw + diff[2] + diff[3]
-            giou += 1 - _giou(boxes[b][q], tgt_boxes[t], eps)
+            giou += 1 - giou_cxcywh(boxes[b][q], tgt_boxes[t], eps)
             correct += int(max(range(K), key=lambda c, q=q: logits[b][q][c]) == labels[t])
             matched += 1
         predicted = sum(1 for row in logits[b] if max(range(K), key=lambda c, row=row: row[c]) != K - 1)

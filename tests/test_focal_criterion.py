@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import parse_tiny_args
+from oracles import focal_term, giou_cxcywh
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
 from models.criterion import SetCriterion
@@ -51,27 +52,6 @@ def _case():
     return {"pred_logits": logits, "pred_boxes": boxes}, targets
 
 
-def _xyxy(box):
-    cx, cy, w, h = box
-    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-
-
-def _giou(a, b) -> float:
-    a, b = _xyxy(a), _xyxy(b)
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    enclosing = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return inter / union - (enclosing - union) / enclosing
-
-
-def _focal(x: float, y: float, alpha: float) -> float:
-    """Sigmoid focal loss of one logit x with target y (Lin et al. 2017, gamma 2)."""
-    p = 1 / (1 + math.exp(-x))
-    p_t = p if y else 1 - p
-    alpha_t = alpha if y else 1 - alpha
-    return -alpha_t * (1 - p_t) ** 2 * math.log(p_t)
-
-
 def _expected(outputs, targets, indices, alpha=ALPHA):
     """Plain-Python Deformable DETR losses for given matches."""
     logits, boxes = outputs["pred_logits"].tolist(), outputs["pred_boxes"].tolist()
@@ -82,10 +62,10 @@ def _expected(outputs, targets, indices, alpha=ALPHA):
         labels, tgt_boxes = targets[b]["labels"].tolist(), targets[b]["boxes"].tolist()
         assigned = {q: labels[t] for q, t in zip(rows, cols)}
         for q, row in enumerate(logits[b]):
-            focal += sum(_focal(x, int(assigned.get(q) == c), alpha) for c, x in enumerate(row))
+            focal += sum(focal_term(x, int(assigned.get(q) == c), alpha) for c, x in enumerate(row))
         for q, t in zip(rows, cols):
             l1 += sum(abs(p - g) for p, g in zip(boxes[b][q], tgt_boxes[t]))
-            giou += 1 - _giou(boxes[b][q], tgt_boxes[t])
+            giou += 1 - giou_cxcywh(boxes[b][q], tgt_boxes[t])
             correct += int(max(range(K), key=lambda c, q=q: logits[b][q][c]) == labels[t])
             matched += 1
         # published leftover: "not the last class" counts as a detection
@@ -115,7 +95,7 @@ def _brute_force_match(logits, boxes, labels, tgt_boxes):
         p = 1 / (1 + math.exp(-logits[q][labels[j]]))
         cls = 0.25 * (1 - p) ** 2 * -math.log(p + 1e-8) - 0.75 * p**2 * -math.log(1 - p + 1e-8)
         l1 = sum(abs(a - b) for a, b in zip(boxes[q], tgt_boxes[j]))
-        return 5 * l1 + 2 * cls - 2 * _giou(boxes[q], tgt_boxes[j])
+        return 5 * l1 + 2 * cls - 2 * giou_cxcywh(boxes[q], tgt_boxes[j])
 
     n = len(labels)
     perms = itertools.permutations(range(len(boxes)), n)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import parse_tiny_args
+from oracles import giou_xyxy
 
 from models.matcher import HungarianMatcher, build_matcher, focal_class_cost
 
@@ -33,16 +34,6 @@ def _random_outputs(layers: int, batch: int, queries: int, num_classes: int, gen
     ]
 
 
-def _giou_xyxy(a, b) -> float:
-    """Independent scalar GIoU of two xyxy boxes."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    enclosing = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return inter / union - (enclosing - union) / enclosing
-
-
 def _cost_matrix(logits, boxes, labels, tgt_boxes, w_class, w_bbox, w_giou) -> np.ndarray:
     """Independent float64 cost: w_bbox * L1 - w_class * softmax prob - w_giou * GIoU."""
     logits, boxes = logits.double().numpy(), boxes.double().numpy()
@@ -57,7 +48,7 @@ def _cost_matrix(logits, boxes, labels, tgt_boxes, w_class, w_bbox, w_giou) -> n
     for i, box in enumerate(boxes):
         for j, (label, tgt) in enumerate(zip(labels.tolist(), tgt_boxes)):
             l1 = np.abs(box - tgt).sum()
-            cost[i, j] = w_bbox * l1 - w_class * prob[i, label] - w_giou * _giou_xyxy(xyxy(box), xyxy(tgt))
+            cost[i, j] = w_bbox * l1 - w_class * prob[i, label] - w_giou * giou_xyxy(xyxy(box), xyxy(tgt))
     return cost
 
 
@@ -185,7 +176,7 @@ def _focal_cost_matrix(logits, boxes, labels, tgt_boxes, w_class, w_bbox, w_giou
     def giou(a, b):
         a, b = xyxy(a), xyxy(b)
         if eps is None:
-            return _giou_xyxy(a, b)
+            return giou_xyxy(a, b)
         inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
         union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
         enclosing = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
