@@ -1,0 +1,73 @@
+"""What a detector family gives the framework: one row of the table ``models.FAMILIES``.
+
+A family is a folder ``models/<name>/`` whose ``__init__.py`` exposes ``FAMILY``, an instance of ``Family``. The
+framework (command line, training loop, checkpoint loading, predict.py, tools, hubconf.py) only ever reaches a
+family through these fields; nothing outside the folder tests a family's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["BuildResult", "Family"]
+
+# (model, criterion, postprocessors): what every family's ``build`` returns.
+BuildResult = tuple[nn.Module, nn.Module, dict[str, nn.Module]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One detector family.
+
+    Attributes:
+        name: its ``--model`` value, e.g. "deformable_detr".
+        title: its name in messages and docs, e.g. "Deformable DETR".
+        settings: a dataclass whose fields are exactly the flags (argparse destinations) the family reads; the
+            framework fills it from the parsed command line and hands it to ``build``. A flag that no field of
+            the selected family names is refused when given explicitly (``cli.arguments``).
+        build: ``build(settings, num_classes) -> (model, criterion, postprocessors)``.
+        defaults: the family's published defaults of flags whose parser default differs (applied in one place,
+            ``cli.arguments.apply_family_defaults``).
+        default_num_classes: classifier size when neither ``--num_classes`` nor the dataset says otherwise
+            (``dataset_file`` -> K, e.g. {"coco": 91, "coco_panoptic": 250}).
+        owns_state_dict: True when a state dict (keys of the published code or this project's) is this family's;
+            the families' predicates are mutually exclusive (``models.family_of_state_dict``).
+        architecture: flag values a state dict implies (layer counts, widths, class count, switches); None where
+            the weights do not say. Used to rebuild a model from a checkpoint without its stored flags.
+        hub_recipes: torch.hub entry name -> the flag values of that published recipe (hubconf.py).
+    """
+
+    name: str
+    title: str
+    settings: type
+    build: Callable[[Any, int], BuildResult]
+    owns_state_dict: Callable[[Mapping[str, Tensor]], bool]
+    architecture: Callable[[Mapping[str, Tensor]], dict[str, Any]]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    default_num_classes: Mapping[str, int] = field(default_factory=lambda: {"coco": 91})
+    hub_recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not dataclasses.is_dataclass(self.settings):
+            raise TypeError(f"Family {self.name}: settings must be a dataclass, got {self.settings!r}")
+
+    @property
+    def flags(self) -> frozenset[str]:
+        """The argparse destinations this family reads (its settings' fields)."""
+        return frozenset(f.name for f in dataclasses.fields(self.settings))
+
+    def make_settings(self, values: Mapping[str, Any]) -> Any:
+        """The family's settings from flag values (e.g. ``vars(args)``); flags it does not read are ignored.
+
+        Raises:
+            KeyError: naming the first flag the family reads that ``values`` lacks.
+        """
+        missing = sorted(self.flags - values.keys())
+        if missing:
+            raise KeyError(f"--model {self.name} reads --{missing[0]}, which the given settings lack")
+        return self.settings(**{name: values[name] for name in self.flags})
