@@ -6,7 +6,7 @@
 With ``pretrained=False`` (the default) nothing is downloaded: the backbone is random, or ImageNet / a local
 file when ``backbone_weights`` says so. ``pretrained=True`` downloads the published COCO weights (into the
 torch hub cache) and loads them with strict=True; another ``num_classes`` keeps every weight but the class head
-(see ``util.finetune.load_for_finetuning``). Models are returned in training mode, as ``nn.Module``s are:
+(see ``run.finetune.load_for_finetuning``). Models are returned in training mode, as ``nn.Module``s are:
 call ``model.eval()`` before inference.
 
 Deformable DETR: ``deformable_detr_resnet50`` (multi-scale), ``_single_scale``, ``_single_scale_dc5``, ``_refine``
@@ -75,13 +75,13 @@ def _make(
     args = _hub_args(backbone, dilation, num_classes, masks, weights, **overrides)
     model, _, postprocessors = build_model(args)
     if pretrained:
-        from util.checkpoint import load_checkpoint
+        from run.checkpoint import load_checkpoint
 
         if num_classes == default_classes and not overrides:
             checkpoint = load_checkpoint(CHECKPOINT_URLS[name], check_hash=True)
             model.load_state_dict(checkpoint["model"], strict=True)
         else:
-            from util.finetune import load_for_finetuning
+            from run.finetune import load_for_finetuning
 
             load_for_finetuning(model, CHECKPOINT_URLS[name])
     return model, postprocessors, args
@@ -313,12 +313,12 @@ def _deformable(name, pretrained, num_classes, return_postprocessor, backbone_we
     model, _, postprocessors = build_model(args)
     if checkpoint is not None:
         if num_classes == 91 and not overrides:
-            from util.checkpoint import load_checkpoint
+            from run.checkpoint import load_checkpoint
 
             model.load_state_dict(load_checkpoint(checkpoint)["model"], strict=True)
         else:  # another head size: a fine-tuning start (class heads keep their focal-prior initialisation; DINO:
             # label_enc too, its label book following num_classes)
-            from util.finetune import load_for_finetuning
+            from run.finetune import load_for_finetuning
 
             load_for_finetuning(model, checkpoint, keep_initial=True)
     return (model, postprocessors["bbox"]) if return_postprocessor else model

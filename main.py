@@ -20,18 +20,18 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from cli.arguments import get_args_parser
+from cli.config import UsageError, apply_config, dump_config, explicit_dests, is_explicit, parse_args_with_config
+from run.checkpoint import CheckpointError, save_checkpoint
+from run.family import adopt_checkpoint_family
+from run.preemption import PreemptionHandler, requeue_slurm_job
+from run.run_dir import check_new_run_dir, next_free_run_dir, resume_command
+from run.run_state import TrainState, checkpoint_paths, load_weights
 from util import distributed as dist_utils
 from util.acceleration import apply_channels_last, compile_model
 from util.amp import make_grad_scaler
-from util.arguments import get_args_parser
-from util.checkpoint import CheckpointError, save_checkpoint
-from util.config import UsageError, apply_config, dump_config, explicit_dests, is_explicit, parse_args_with_config
-from util.family import adopt_checkpoint_family
 from util.logging import MetricTracker, RunLogger, setup_console
 from util.misc import collate_fn
-from util.preemption import PreemptionHandler, requeue_slurm_job
-from util.run_dir import check_new_run_dir, next_free_run_dir, resume_command
-from util.run_state import TrainState, checkpoint_paths, load_weights
 
 # models, datasets and engine are imported inside main(): get_args_parser() stays cheap and importable alone.
 log = logging.getLogger("detr")
@@ -430,7 +430,7 @@ def cli(argv: list[str] | None = None) -> None:
     """Command-line entry: no arguments run the demo; user errors become one clear line instead of a traceback."""
     from datasets.errors import DatasetError
     from models.backbone import WeightsUnavailableError
-    from util.finetune import FinetuneError
+    from run.finetune import FinetuneError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # the published CLI always has arguments

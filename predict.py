@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from util.checkpoint import CheckpointError, checkpoint_args_to_namespace, load_checkpoint
+from run.checkpoint import CheckpointError, checkpoint_args_to_namespace, load_checkpoint
+from run.family import checkpoint_family
 from util.class_names import class_name, resolve_class_names
-from util.family import checkpoint_family
 from util.misc import nested_tensor_from_tensor_list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -85,7 +85,7 @@ def infer_architecture(state: Mapping[str, Tensor], family: str | None = None) -
 
     Args:
         state: DETR, DETRsegm, Deformable DETR or DINO state dict.
-        family: its ``--model``; None: told by the keys (``util.family.checkpoint_family``).
+        family: its ``--model``; None: told by the keys (``run.family.checkpoint_family``).
 
     Returns:
         DETR: values for num_classes, num_queries, hidden_dim, dim_feedforward, enc_layers, dec_layers, pre_norm,

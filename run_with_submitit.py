@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import main as detr_main
-from util.arguments import FamilyArgumentParser
+from cli.arguments import FamilyArgumentParser
 
 
 def get_args_parser() -> argparse.ArgumentParser:

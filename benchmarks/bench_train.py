@@ -74,8 +74,8 @@ def _config(name: str) -> tuple[list[str], list[tuple[int, int]], str]:
         sizes = [(800, 1066), (800, 1002)] if size == "800" else [(512, 683), (512, 619)]
         return [*R50_FLAGS, *flags], sizes, f"{description}, batch 2, {sizes[0][0]}x{sizes[0][1]} + ..x{sizes[1][1]}"
     if name == "demo":
+        from cli.config import parse_args_with_config
         from main import get_args_parser
-        from util.config import parse_args_with_config
 
         if DEMO_CONFIG.is_file():
             flags = ["--config", str(DEMO_CONFIG), "--backbone_weights", "none"]
@@ -129,11 +129,11 @@ def run_variant(config: str, variant: str, iters: int, warmup: int, infer_iters:
     import torch
 
     import models
+    from cli.config import parse_args_with_config
     from main import build_optimizer, get_args_parser
     from models.detr import num_classes_from_args
     from util.acceleration import apply_channels_last, compile_model
     from util.amp import autocast_context, make_grad_scaler, optimizer_step
-    from util.config import parse_args_with_config
     from util.misc import nested_tensor_from_tensor_list
 
     device = torch.device(device_name)

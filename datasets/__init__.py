@@ -1,5 +1,7 @@
 """Datasets: ``build_dataset(image_set, args)``, ``get_coco_api_from_dataset``, ``num_classes_for``.
 
+Both builders take the parsed flags (``args`` or a ``DataSettings``); below them only ``DataSettings`` travels.
+
 --dataset_file: 'coco' (a COCO-format folder via --coco_path or the explicit path flags; without any, the
 generated synthetic dataset), 'synthetic' (always the generated dataset) or 'coco_panoptic'.
 """
@@ -14,8 +16,16 @@ import torch
 from datasets import coco
 from datasets.coco_io import load_coco_json, max_category_id
 from datasets.errors import DatasetError
+from datasets.settings import DataSettings
 
-__all__ = ["DatasetError", "build_dataset", "get_coco_api_from_dataset", "num_classes_for", "skipped_samples"]
+__all__ = [
+    "DataSettings",
+    "DatasetError",
+    "build_dataset",
+    "get_coco_api_from_dataset",
+    "num_classes_for",
+    "skipped_samples",
+]
 
 DATASET_FILES = ("coco", "synthetic", "coco_panoptic")
 # Classifier size when args.num_classes is None: the published values (models fall back to the same).
@@ -47,46 +57,45 @@ def skipped_samples(dataset: Any) -> int:
     return int(getattr(_unwrap(dataset), "skipped", 0))
 
 
-def _check_dataset_file(args: argparse.Namespace) -> None:
-    if args.dataset_file not in DATASET_FILES:
-        raise DatasetError(f"--dataset_file {args.dataset_file!r} is not supported; use one of {DATASET_FILES}")
+def data_settings(args: argparse.Namespace | DataSettings) -> DataSettings:
+    """The data flags of parsed command-line ``args`` (a DataSettings is returned as it is)."""
+    settings = args if isinstance(args, DataSettings) else DataSettings.from_flags(vars(args))
+    if settings.dataset_file not in DATASET_FILES:
+        raise DatasetError(f"--dataset_file {settings.dataset_file!r} is not supported; use one of {DATASET_FILES}")
+    return settings
 
 
-def num_classes_for(args: argparse.Namespace) -> int:
+def num_classes_for(args: argparse.Namespace | DataSettings) -> int:
     """Classifier size: --num_classes if given; 250 for coco_panoptic (published); else the largest category
     id of the training annotation file + 1 (91 for COCO)."""
-    if getattr(args, "num_classes", None) is not None:
-        return int(args.num_classes)
-    _check_dataset_file(args)
-    if args.dataset_file == "coco_panoptic":
+    settings = data_settings(args)
+    if settings.num_classes is not None:
+        return int(settings.num_classes)
+    if settings.dataset_file == "coco_panoptic":
         return _DEFAULT_NUM_CLASSES["coco_panoptic"]
     split = "train"
-    if (
-        getattr(args, "eval", False)
-        and args.coco_path is None
-        and not any(getattr(args, f"train_{kind}", None) for kind in ("img_folder", "ann_file"))
-    ):
+    if settings.eval and settings.coco_path is None and not (settings.train_img_folder or settings.train_ann_file):
         split = "val"  # --eval on explicit val files: no training split to read
-    _, ann_file = coco.coco_paths(split, args)
+    _, ann_file = coco.coco_paths(split, settings)
     return max_category_id(load_coco_json(ann_file), ann_file) + 1
 
 
-def build_dataset(image_set: str, args: argparse.Namespace) -> torch.utils.data.Dataset:
+def build_dataset(image_set: str, args: argparse.Namespace | DataSettings) -> torch.utils.data.Dataset:
     """The dataset of split ``image_set`` ('train' or 'val') selected by ``args.dataset_file``.
 
     Raises:
         DatasetError: unknown dataset_file, missing/invalid files, or a category id >= num_classes (named
             with its annotation file) -- all at start-up, before any training.
     """
-    _check_dataset_file(args)
-    if args.dataset_file == "coco_panoptic":
+    settings = data_settings(args)
+    if settings.dataset_file == "coco_panoptic":
         from datasets import coco_panoptic  # the panoptic engineer's module; imported only when used
 
-        return coco_panoptic.build(image_set, args)
-    dataset = coco.build(image_set, args)
-    num_classes = getattr(args, "num_classes", None)
+        return coco_panoptic.build(image_set, settings)
+    dataset = coco.build(image_set, settings)
+    num_classes = settings.num_classes
     if num_classes is None:
-        num_classes = _DEFAULT_NUM_CLASSES[args.dataset_file]
+        num_classes = _DEFAULT_NUM_CLASSES[settings.dataset_file]
     largest = max_category_id(dataset.coco.dataset, dataset.ann_file)
     if largest >= num_classes:
         raise DatasetError(

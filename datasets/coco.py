@@ -8,7 +8,6 @@ and normalised (cx, cy, w, h) in [0, 1] after the transforms of :func:`make_coco
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from datasets.coco_io import (
     read_image_rgb,
 )
 from datasets.errors import DatasetError
+from datasets.settings import DataSettings
 from datasets.skipping import SkippingDataset
 
 logger = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def make_coco_transforms(image_set: str, input_scale: float = 1.0) -> T.Compose:
     raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
 
 
-def coco_paths(image_set: str, args: argparse.Namespace) -> tuple[Path, Path]:
+def coco_paths(image_set: str, data: DataSettings) -> tuple[Path, Path]:
     """(image folder, annotation file) of a split: the explicit flags, else the COCO layout under the root.
 
     The root is --coco_path, or the generated synthetic dataset for --dataset_file synthetic or when none of
@@ -240,25 +240,21 @@ def coco_paths(image_set: str, args: argparse.Namespace) -> tuple[Path, Path]:
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
-    img_folder = getattr(args, f"{image_set}_img_folder", None)
-    ann_file = getattr(args, f"{image_set}_ann_file", None)
-    given = [f"--{flag}" for flag in DATA_PATH_FLAGS if getattr(args, flag, None) is not None]
-    if args.dataset_file == "synthetic" and given:
+    img_folder = data.img_folder(image_set)
+    ann_file = data.ann_file(image_set)
+    given = [f"--{flag}" for flag in DATA_PATH_FLAGS if getattr(data, flag) is not None]
+    if data.dataset_file == "synthetic" and given:
         raise DatasetError(
             f"--dataset_file synthetic trains on the generated data, but {', '.join(given)} names other data; "
             "pass --dataset_file coco to use it, or drop the path"
         )
-    if args.dataset_file == "synthetic" or not given:
+    if data.dataset_file == "synthetic" or not given:
         from datasets.synthetic import ensure_synthetic_dataset
 
-        root = ensure_synthetic_dataset(
-            getattr(args, "synthetic_dir", None),
-            getattr(args, "synthetic_train_size", None),
-            getattr(args, "synthetic_val_size", None),
-        )
+        root = ensure_synthetic_dataset(data.synthetic_dir, data.synthetic_train_size, data.synthetic_val_size)
         return root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json"
-    if args.coco_path is not None:
-        root = Path(args.coco_path)
+    if data.coco_path is not None:
+        root = Path(data.coco_path)
         if not root.exists():
             raise DatasetError(f"provided COCO path {root} does not exist")
         if not root.is_dir():
@@ -279,20 +275,20 @@ def coco_paths(image_set: str, args: argparse.Namespace) -> tuple[Path, Path]:
     return Path(img_folder), Path(ann_file)
 
 
-def build(image_set: str, args: argparse.Namespace) -> CocoDetection:
+def build(image_set: str, data: DataSettings) -> CocoDetection:
     """The COCO (or synthetic, or custom COCO-format) detection dataset of split 'train' or 'val'.
 
     Reads --coco_path / --{train,val}_{img_folder,ann_file}, --masks, --input_scale and --skip_bad_images
     (training replaces a skipped sample by the next one; evaluation drops it). The published
     --remove_difficult flag is accepted and, as published, has no effect on COCO.
     """
-    img_folder, ann_file = coco_paths(image_set, args)
-    skip = bool(getattr(args, "skip_bad_images", False))
+    img_folder, ann_file = coco_paths(image_set, data)
+    skip = data.skip_bad_images
     return CocoDetection(
         img_folder,
         ann_file,
-        transforms=make_coco_transforms(image_set, getattr(args, "input_scale", 1.0)),
-        return_masks=bool(getattr(args, "masks", False)),
+        transforms=make_coco_transforms(image_set, data.input_scale),
+        return_masks=data.masks,
         skip_bad_images=skip,
         substitute_bad=skip and image_set == "train",
     )

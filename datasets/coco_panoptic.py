@@ -8,7 +8,6 @@ after them), 'iscrowd' int64 [T], 'area' float32 [T], 'image_id' int64 [1], 'ori
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from functools import cached_property
@@ -24,6 +23,7 @@ from datasets.coco import make_coco_transforms
 from datasets.coco_io import coco_api_from_json, load_coco_json, read_image_rgb
 from datasets.errors import DatasetError
 from datasets.panoptic_quality import read_panoptic_png
+from datasets.settings import DataSettings
 from datasets.skipping import SkippingDataset
 
 __all__ = ["CocoPanoptic", "build", "panoptic_paths"]
@@ -174,7 +174,7 @@ def _first_dir(*candidates: Path) -> Path:
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
-def panoptic_paths(image_set: str, args: argparse.Namespace) -> dict[str, Path | None]:
+def panoptic_paths(image_set: str, data: DataSettings) -> dict[str, Path | None]:
     """Paths of a split: {'img_folder', 'ann_folder', 'ann_file', 'detection_ann_file'}.
 
     The panoptic root is --coco_panoptic_path, else --coco_path, else the generated synthetic dataset. Its
@@ -185,21 +185,17 @@ def panoptic_paths(image_set: str, args: argparse.Namespace) -> dict[str, Path |
     if image_set not in ("train", "val"):
         raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
     split = f"{image_set}2017"
-    panoptic_root = args.coco_panoptic_path or args.coco_path
+    panoptic_root = data.coco_panoptic_path or data.coco_path
     if panoptic_root is None:
         from datasets.synthetic import ensure_synthetic_dataset
 
-        panoptic_root = ensure_synthetic_dataset(
-            getattr(args, "synthetic_dir", None),
-            getattr(args, "synthetic_train_size", None),
-            getattr(args, "synthetic_val_size", None),
-        )
+        panoptic_root = ensure_synthetic_dataset(data.synthetic_dir, data.synthetic_train_size, data.synthetic_val_size)
     panoptic_root = Path(panoptic_root)
     if not panoptic_root.exists():
         raise DatasetError(f"provided COCO panoptic path {panoptic_root} does not exist")
-    image_root = Path(args.coco_path) if args.coco_path else panoptic_root
-    img_folder = getattr(args, f"{image_set}_img_folder", None) or image_root / split
-    detection = getattr(args, f"{image_set}_ann_file", None) or image_root / "annotations" / f"instances_{split}.json"
+    image_root = Path(data.coco_path) if data.coco_path else panoptic_root
+    img_folder = data.img_folder(image_set) or image_root / split
+    detection = data.ann_file(image_set) or image_root / "annotations" / f"instances_{split}.json"
     return {
         "img_folder": Path(img_folder),
         "ann_folder": _first_dir(
@@ -210,25 +206,25 @@ def panoptic_paths(image_set: str, args: argparse.Namespace) -> dict[str, Path |
     }
 
 
-def build(image_set: str, args: argparse.Namespace) -> CocoPanoptic:
+def build(image_set: str, data: DataSettings) -> CocoPanoptic:
     """The COCO panoptic (or synthetic panoptic) dataset of split 'train' or 'val'.
 
     Raises:
         DatasetError: missing files, or a category id >= --num_classes.
     """
-    paths = panoptic_paths(image_set, args)
-    skip = bool(getattr(args, "skip_bad_images", False))
+    paths = panoptic_paths(image_set, data)
+    skip = data.skip_bad_images
     dataset = CocoPanoptic(
         paths["img_folder"],
         paths["ann_folder"],
         paths["ann_file"],
-        transforms=make_coco_transforms(image_set, getattr(args, "input_scale", 1.0)),
-        return_masks=bool(getattr(args, "masks", False)),
+        transforms=make_coco_transforms(image_set, data.input_scale),
+        return_masks=data.masks,
         detection_ann_file=paths["detection_ann_file"],
         skip_bad_images=skip,
         substitute_bad=skip and image_set == "train",
     )
-    num_classes = getattr(args, "num_classes", None)
+    num_classes = data.num_classes
     largest = max(dataset.is_thing_map, default=0)
     if num_classes is not None and largest >= num_classes:
         raise DatasetError(

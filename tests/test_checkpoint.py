@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-import util.checkpoint as checkpoint_module
-from util.checkpoint import (
+import run.checkpoint as checkpoint_module
+from run.checkpoint import (
     CheckpointError,
     checkpoint_args_to_namespace,
     find_resume_checkpoint,
@@ -191,7 +191,7 @@ def test_resume_auto_falls_back_when_the_newest_is_corrupt(tmp_path, caplog):
     save_checkpoint({"epoch": 2, "model": {"w": torch.randn(100)}}, target)
     save_checkpoint({"epoch": 0}, tmp_path / "checkpoint0000.pth")
     target.write_bytes(target.read_bytes()[:-200])  # e.g. a disk problem after the save
-    with caplog.at_level(logging.WARNING, logger="util.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="run.checkpoint"):
         path, ckpt = load_latest_checkpoint(tmp_path)
     assert path.name == "checkpoint.pth.prev" and ckpt["epoch"] == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -9,10 +9,17 @@ import PIL.Image
 import pytest
 import torch
 
-from datasets.coco_panoptic import CocoPanoptic, build, panoptic_paths
+from datasets import data_settings
+from datasets.coco_panoptic import CocoPanoptic, panoptic_paths
+from datasets.coco_panoptic import build as build_panoptic
 from datasets.errors import DatasetError
 from datasets.panoptic_eval import PanopticEvaluator
 from datasets.panoptic_quality import id_to_rgb, read_panoptic_png
+
+
+def build(image_set, args):
+    return build_panoptic(image_set, data_settings(args))
+
 
 CATEGORIES = [{"id": 1, "name": "a", "isthing": 1}, {"id": 20, "name": "b", "isthing": 0}]
 
@@ -65,7 +72,7 @@ def test_targets_from_png(tmp_path):
 def test_build_with_transforms_and_zip_layout(tmp_path, tiny_args):
     write_dataset(tmp_path, layout="zip")
     args = args_for(tiny_args, "--coco_path", str(tmp_path), "--input_scale", "0.05")
-    assert panoptic_paths("val", args)["ann_folder"] == tmp_path / "annotations" / "panoptic_val2017"
+    assert panoptic_paths("val", data_settings(args))["ann_folder"] == tmp_path / "annotations" / "panoptic_val2017"
     ds = build("val", args)
     assert ds.coco is None  # no instances_val2017.json here
     image, target = ds[0]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli.config import ConfigError, apply_config, dump_config, is_explicit, load_config
 from main import get_args_parser, parse_args
-from util.config import ConfigError, apply_config, dump_config, is_explicit, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -10,8 +10,8 @@ from test_coco_dataset import ann, write_coco
 
 import datasets
 import main as main_module
+from cli.arguments import get_args_parser
 from datasets.errors import DatasetError
-from util.arguments import get_args_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_SYNTHETIC = ["--synthetic_train_size", "2", "--synthetic_val_size", "2"]
@@ -26,7 +26,7 @@ def test_command_line_coco_path_beats_the_yaml_synthetic_dataset(tmp_path):
     write_coco(tmp_path, "train")
     args = main_module.parse_args(["--config", str(main_module.DEMO_CONFIG), "--coco_path", str(tmp_path)])
     assert args.dataset_file == "coco"
-    assert datasets.coco.coco_paths("train", args) == (
+    assert datasets.coco.coco_paths("train", datasets.data_settings(args)) == (
         tmp_path / "train2017",
         tmp_path / "annotations" / "instances_train2017.json",
     )

@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 
+from cli.config import apply_config, is_explicit
 from main import get_args_parser, parse_args
 from util import distributed as dist_utils
-from util.config import apply_config, is_explicit
 
 
 @pytest.fixture

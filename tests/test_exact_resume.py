@@ -16,9 +16,9 @@ import torch
 from conftest import FAMILY_FLAGS, parse_tiny_args
 
 import main as main_module
-from util.checkpoint import load_checkpoint
+from run.checkpoint import load_checkpoint
+from run.preemption import PreemptionHandler
 from util.logging import read_log
-from util.preemption import PreemptionHandler
 
 # 6 images at batch 2: 3 iterations per epoch; no evaluation until the last epoch (it does not touch the RNG
 # a checkpoint captured, but it costs time).

@@ -10,8 +10,8 @@ import torch
 from conftest import FAMILY_FLAGS, parse_tiny_args
 
 from models import build_model
+from run.checkpoint import save_checkpoint
 from tools.export_onnx import compare_with_onnxruntime, export_onnx, main
-from util.checkpoint import save_checkpoint
 
 TOLERANCE = 1e-4
 

@@ -9,8 +9,8 @@ import torch
 from conftest import FAMILY_FLAGS, parse_tiny_args
 
 from models import build_model
-from util.checkpoint import save_checkpoint
-from util.finetune import FinetuneError, load_for_finetuning
+from run.checkpoint import save_checkpoint
+from run.finetune import FinetuneError, load_for_finetuning
 
 
 def _save(tmp_path, *flags, name="source.pth", bare=False):
@@ -157,7 +157,7 @@ def test_deformable_finetune_through_load_weights_keeps_the_focal_prior(tmp_path
     """--finetune of a Deformable DETR run: the class heads are not reset to nn.Linear's default bias."""
     from types import SimpleNamespace
 
-    from util.run_state import load_weights
+    from run.run_state import load_weights
 
     path, _ = _save(tmp_path, *DEFORMABLE)
     args = parse_tiny_args(*DEFORMABLE, "--num_classes", "5", "--finetune", str(path))
@@ -222,7 +222,7 @@ def test_dino_finetune_with_a_set_label_book_keeps_label_enc(tmp_path):
 def test_dino_finetune_flag_trains_on_other_classes(tmp_path, capsys):
     """main.py --finetune from a 91-class DINO checkpoint on the generated data (13 classes): one flag, one epoch."""
     import main as main_module
-    from util.checkpoint import load_checkpoint
+    from run.checkpoint import load_checkpoint
 
     path, source = _save(tmp_path, *DINO)
     args = parse_tiny_args(*DINO, "--finetune", str(path), "--synthetic_dir", str(tmp_path / "data"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import main as main_module
-from util.arguments import get_args_parser
+from cli.arguments import get_args_parser
 
 
 def test_misspelled_flag_suggests_the_closest_one_in_one_line(capsys):

@@ -10,7 +10,7 @@ import torch
 
 import hubconf
 import models
-import util.checkpoint
+import run.checkpoint
 from models.postprocess import PostProcess
 from predict import infer_architecture
 
@@ -104,7 +104,7 @@ def test_pretrained_downloads_the_published_url_and_loads_strictly(monkeypatch, 
         loads.append((path_or_url, check_hash))
         return {"model": reference["state"]}
 
-    monkeypatch.setattr(util.checkpoint, "load_checkpoint", fake_load)
+    monkeypatch.setattr(run.checkpoint, "load_checkpoint", fake_load)
     reference["state"] = hubconf.detr_resnet50().state_dict()
     for value in reference["state"].values():
         value.add_(1)  # distinguishable from a fresh init
@@ -115,7 +115,7 @@ def test_pretrained_downloads_the_published_url_and_loads_strictly(monkeypatch, 
         torch.testing.assert_close(value, reference["state"][key], rtol=0, atol=0)
 
     # Another num_classes keeps everything but the class head (fine-tuning start).
-    monkeypatch.setattr("util.finetune.load_checkpoint", fake_load)
+    monkeypatch.setattr("run.finetune.load_checkpoint", fake_load)
     model = hubconf.detr_resnet50(pretrained=True, num_classes=3)
     assert model.class_embed.weight.shape[0] == 4
     torch.testing.assert_close(model.query_embed.weight, reference["state"]["query_embed.weight"], rtol=0, atol=0)

@@ -20,10 +20,10 @@ from conftest import FAMILY_FLAGS, TINY_FLAGS, parse_tiny_args
 
 import main as main_module
 import models
-from util.checkpoint import CheckpointError, load_checkpoint
-from util.config import UsageError
+from cli.config import UsageError
+from run.checkpoint import CheckpointError, load_checkpoint
+from run.preemption import PreemptionHandler
 from util.logging import read_log
-from util.preemption import PreemptionHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FLAGS = ["--synthetic_train_size", "4", "--synthetic_val_size", "2", "--input_scale", "0.1"]

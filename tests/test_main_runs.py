@@ -14,11 +14,11 @@ from conftest import TINY_FLAGS
 from test_main_e2e import _args
 
 import main as main_module
-from util.checkpoint import load_checkpoint, save_checkpoint
-from util.config import UsageError
+from cli.config import UsageError
+from run.checkpoint import load_checkpoint, save_checkpoint
+from run.preemption import PreemptionHandler
+from run.run_dir import next_free_run_dir, resume_command
 from util.logging import read_log
-from util.preemption import PreemptionHandler
-from util.run_dir import next_free_run_dir, resume_command
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image
 import predict
 from models import build_model
 from models.box_refinement import DINO_EPS
-from util.checkpoint import save_checkpoint
+from run.checkpoint import save_checkpoint
 from util.class_names import COCO_CLASSES, resolve_class_names
 from util.misc import nested_tensor_from_tensor_list
 

@@ -14,8 +14,8 @@ from PIL import Image
 import predict
 from datasets import synthetic
 from models import build_model
+from run.checkpoint import save_checkpoint
 from tools import export_onnx, visualize_attention
-from util.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

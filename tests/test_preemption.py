@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from util.preemption import PreemptionHandler, requeue_slurm_job, slurm_job_id
+from run.preemption import PreemptionHandler, requeue_slurm_job, slurm_job_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_subprocess_exits_cleanly_on_sigterm():
         """
         import sys, time
         sys.path.insert(0, sys.argv[1])
-        from util.preemption import PreemptionHandler
+        from run.preemption import PreemptionHandler
         with PreemptionHandler() as preemption:
             print("ready", flush=True)
             steps = 0
@@ -100,8 +100,8 @@ def slurm_env(monkeypatch):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr("util.preemption.subprocess.run", fake_run)
-    monkeypatch.setattr("util.preemption.shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("run.preemption.subprocess.run", fake_run)
+    monkeypatch.setattr("run.preemption.shutil.which", lambda name: f"/usr/bin/{name}")
     return monkeypatch, calls
 
 
@@ -123,10 +123,10 @@ def test_requeue_reports_a_failing_scontrol(slurm_env):
     monkeypatch, _ = slurm_env
     monkeypatch.setenv("SLURM_JOB_ID", "1")
     monkeypatch.setattr(
-        "util.preemption.subprocess.run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "denied")
+        "run.preemption.subprocess.run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "denied")
     )
     assert requeue_slurm_job() is False
-    monkeypatch.setattr("util.preemption.shutil.which", lambda name: None)
+    monkeypatch.setattr("run.preemption.shutil.which", lambda name: None)
     assert requeue_slurm_job() is False
 
 

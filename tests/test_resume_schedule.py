@@ -10,8 +10,8 @@ from conftest import parse_tiny_args
 from torch import nn
 
 from main import build_optimizer
-from util.checkpoint import save_checkpoint
-from util.run_state import TrainState, load_weights
+from run.checkpoint import save_checkpoint
+from run.run_state import TrainState, load_weights
 
 
 class _Toy(nn.Module):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from util.checkpoint import load_checkpoint, save_checkpoint
-from util.rng_state import capture_rng_state, restore_rng_state
+from run.checkpoint import load_checkpoint, save_checkpoint
+from run.rng_state import capture_rng_state, restore_rng_state
 
 
 def _draw() -> dict:

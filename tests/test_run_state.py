@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import models
-from util.checkpoint import CheckpointError, find_resume_checkpoint, save_checkpoint
-from util.config import config_dict
-from util.finetune import load_for_finetuning
-from util.run_state import TrainState, load_weights
+from cli.config import config_dict
+from run.checkpoint import CheckpointError, find_resume_checkpoint, save_checkpoint
+from run.finetune import load_for_finetuning
+from run.run_state import TrainState, load_weights
 
 
 def _state(args) -> TrainState:

@@ -10,7 +10,7 @@ import shlex
 import pytest
 import torch
 
-from util.checkpoint import CheckpointError, UnsafeCheckpointError, checkpoint_args_to_namespace, load_checkpoint
+from run.checkpoint import CheckpointError, UnsafeCheckpointError, checkpoint_args_to_namespace, load_checkpoint
 
 
 class _RunsCode:

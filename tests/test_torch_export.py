@@ -8,8 +8,8 @@ import torch
 from conftest import parse_tiny_args
 
 from models import build_model
+from run.checkpoint import save_checkpoint
 from tools.export import TensorInterface, compare_with_eager, example_inputs, export_program, final_layer_only, main
-from util.checkpoint import save_checkpoint
 
 TOLERANCE = 1e-5
 EXPORT_SIZE = (2, 96, 128)  # batch, height, width of the example input

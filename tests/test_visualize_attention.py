@@ -11,8 +11,8 @@ from PIL import Image
 
 import predict
 from models import build_model
+from run.checkpoint import save_checkpoint
 from tools.visualize_attention import capture_attention, parse_points, save_attention_maps, select_objects
-from util.checkpoint import save_checkpoint
 
 
 def _head_averaged_attention(module, query, key, key_padding_mask=None):

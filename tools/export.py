@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         return export_onnx_main(rest)
     args = get_args_parser().parse_args(argv)
     from predict import load_model
-    from util.checkpoint import CheckpointError
+    from run.checkpoint import CheckpointError
 
     try:
         model = load_model(args.checkpoint, device=args.device)[0]

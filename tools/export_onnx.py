@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     """Export, optionally check; returns the measured differences with --check. Bad input exits with one line."""
     args = get_args_parser().parse_args(argv)
     from predict import load_model
-    from util.checkpoint import CheckpointError
+    from run.checkpoint import CheckpointError
 
     try:
         model = load_model(args.checkpoint, device="cpu")[0]

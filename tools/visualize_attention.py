@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from predict import check_device, find_images, load_model, open_rgb  # noqa: E402
+from run.checkpoint import CheckpointError  # noqa: E402
 from tools.attention_maps import (  # noqa: E402, F401 - the public names of this tool
     AttentionMaps,
     capture_attention,
@@ -24,7 +25,6 @@ from tools.attention_maps import (  # noqa: E402, F401 - the public names of thi
     save_attention_maps,
     select_objects,
 )
-from util.checkpoint import CheckpointError  # noqa: E402
 from util.class_names import resolve_class_names  # noqa: E402
 
 

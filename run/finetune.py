@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from util.checkpoint import load_checkpoint
+from run.checkpoint import load_checkpoint
 
 #: Name prefixes of tensors that may change shape between the checkpoint and the fine-tuned model:
 #: the class heads (DETR's num_classes + 1 outputs; the per-layer heads ``class_embed.{l}`` of Deformable DETR and
@@ -51,7 +51,7 @@ def load_for_finetuning(
 
     Args:
         model: the freshly built model (e.g. ``models.build_model(args)[0]``), DETR or DETRsegm.
-        path_or_url: checkpoint file or https URL (``util.checkpoint.load_checkpoint``); a dict with a 'model'
+        path_or_url: checkpoint file or https URL (``run.checkpoint.load_checkpoint``); a dict with a 'model'
             state dict, or a bare state dict. A detection checkpoint loads into a segmentation model (its
             keys gain the "detr." prefix) and a segmentation checkpoint into a detector (its mask head is
             skipped, with a message).

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from util.config import UsageError
+from cli.config import UsageError
 
 # Files that only a training run writes: their presence means the folder already holds a run.
 _RUN_FILE = re.compile(r"^(log\.txt|checkpoint\.pth(\.prev)?|checkpoint\d{4,}\.pth)$")

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cli.config import config_dict
+from run.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, resume_position
+from run.rng_state import capture_rng_state, restore_rng_state
 from util import distributed as dist_utils
-from util.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, resume_position
-from util.config import config_dict
 from util.logging import MetricTracker
-from util.rng_state import capture_rng_state, restore_rng_state
 
 log = logging.getLogger("detr")
 # Flags whose values a resumed optimizer/scheduler silently replaces.
@@ -135,7 +135,7 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
         log.info("resumed from %s (next epoch %d, iteration %d)", resume, args.start_epoch, start_iteration)
         return start_iteration
     if args.finetune:
-        from util.finetune import load_for_finetuning  # usage-side helper; only fine-tuning runs need it
+        from run.finetune import load_for_finetuning  # usage-side helper; only fine-tuning runs need it
 
         # Deformable DETR / DINO: re-initialised class heads keep the fresh build's focal prior (bias -4.6).
         load_for_finetuning(state.model, args.finetune, keep_initial=getattr(args, "model", "detr") != "detr")

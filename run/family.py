@@ -11,9 +11,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from util.arguments import FAMILY_DEFAULTS, apply_family_defaults
-from util.checkpoint import find_resume_checkpoint, load_checkpoint
-from util.config import EXPLICIT_ATTR, is_explicit
+from cli.arguments import FAMILY_DEFAULTS, apply_family_defaults
+from cli.config import EXPLICIT_ATTR, is_explicit
+from run.checkpoint import find_resume_checkpoint, load_checkpoint
 
 __all__ = ["adopt_checkpoint_family", "checkpoint_family"]
 

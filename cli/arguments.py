@@ -85,7 +85,7 @@ class FamilyArgumentParser(argparse.ArgumentParser):
 
     @staticmethod
     def apply_family_defaults(args: argparse.Namespace, explicit: set[str] | frozenset[str]) -> argparse.Namespace:
-        """``apply_family_defaults`` (called by util.config when a YAML file sets ``model``)."""
+        """``apply_family_defaults`` (called by cli.config when a YAML file sets ``model``)."""
         return apply_family_defaults(args, explicit)
 
 

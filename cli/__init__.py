@@ -1,0 +1,1 @@
+"""The command line: the parser of every family's flags and YAML configs (the edge where settings enter)."""
