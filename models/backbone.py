@@ -7,11 +7,11 @@ ResNet lives under ``backbone.0.body.<torchvision resnet names>`` and a learned 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
@@ -24,6 +24,9 @@ from util.misc import NestedTensor
 
 from .position_encoding import build_position_encoding
 
+if TYPE_CHECKING:
+    from .settings import DetectorSettings
+
 __all__ = [
     "Backbone",
     "BackboneBase",
@@ -32,6 +35,7 @@ __all__ = [
     "WeightsUnavailableError",
     "build_backbone",
     "load_backbone_weights",
+    "resnet_of",
 ]
 
 # Output channels of layer1..layer4.
@@ -260,18 +264,41 @@ class Joiner(nn.Sequential):
         return features, positions
 
 
-def build_backbone(args: argparse.Namespace) -> Joiner:
-    """Backbone + position encoding from ``args`` (backbone, dilation, masks, lr_backbone, backbone_weights,
-    backbone_stages)."""
+def build_backbone(
+    settings: DetectorSettings,
+    return_interm_layers: bool = False,
+    return_interm_indices: Sequence[int] | None = None,
+    **position: float | None,
+) -> Joiner:
+    """Backbone (settings' backbone, dilation, lr_backbone, backbone_weights, backbone_stages) + position encoding.
+
+    Args:
+        settings: the family's settings.
+        return_interm_layers: all four stages (DETR's mask head) instead of the last one.
+        return_interm_indices: the stages to return, 0 = layer1 (multi-scale families).
+        **position: the family's sine-encoding choices (``build_position_encoding``'s scale, offset, temperature,
+            temperature_w).
+    """
     backbone = Backbone(
-        args.backbone,
-        train_backbone=args.lr_backbone > 0,
-        return_interm_layers=args.masks,
-        dilation=args.dilation,
-        weights=getattr(args, "backbone_weights", "imagenet"),
-        stages=getattr(args, "backbone_stages", 4),
+        settings.backbone,
+        train_backbone=settings.lr_backbone > 0,
+        return_interm_layers=return_interm_layers,
+        dilation=settings.dilation,
+        weights=settings.backbone_weights,
+        stages=settings.backbone_stages,
+        return_interm_indices=return_interm_indices,
     )
-    return Joiner(backbone, build_position_encoding(args))
+    return Joiner(backbone, build_position_encoding(settings.position_embedding, settings.hidden_dim, **position))
+
+
+def resnet_of(state: Mapping[str, Tensor], prefix: str = "") -> str | None:
+    """The torchvision ResNet whose keys ``{prefix}backbone.0.body.*`` a state dict has (None when unknown)."""
+    body = f"{prefix}backbone.0.body."
+    bottleneck = f"{body}layer1.0.conv3.weight" in state
+    layer3 = f"{body}layer3."
+    layer3_blocks = len({k[len(layer3) :].split(".")[0] for k in state if k.startswith(layer3)})
+    backbones = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+    return backbones.get((bottleneck, layer3_blocks))
 
 
 def _downsample_mask_nearest(mask: Tensor, size: list[int]) -> Tensor:

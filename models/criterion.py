@@ -6,7 +6,7 @@ ones with "no object". Every loss is computed in float32, also under autocast.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ from util.box_ops import box_cxcywh_to_xyxy, check_boxes_xyxy, elementwise_gener
 
 from .matcher import HungarianMatcher
 
-__all__ = ["SetCriterion", "class_error", "dice_loss", "sigmoid_focal_loss"]
+__all__ = ["SetCriterion", "class_error", "dice_loss", "expand_weight_dict", "place_criterion", "sigmoid_focal_loss"]
 
 Indices = list[tuple[Tensor, Tensor]]
 
@@ -37,6 +37,25 @@ def sigmoid_focal_loss(
     """Focal loss (Lin et al. 2017): [N, P] logits, [N, P] targets -> mean over pixels, sum over masks / num_boxes."""
     loss = _tv_sigmoid_focal_loss(inputs, targets, alpha=alpha, gamma=gamma, reduction="none")
     return loss.mean(1).sum() / num_boxes
+
+
+def expand_weight_dict(base: Mapping[str, float], suffixes: Sequence[str]) -> dict[str, float]:
+    """``base`` followed by a copy of it for every suffix, suffix-major: ``{name + suffix: weight}`` (the loss
+    names of auxiliary, encoder or denoising outputs)."""
+    expanded = dict(base)
+    for suffix in suffixes:
+        expanded.update({f"{name}{suffix}": weight for name, weight in base.items()})
+    return expanded
+
+
+def place_criterion(criterion: nn.Module, device_name: str) -> nn.Module:
+    """Move the criterion to ``device_name`` when that device exists here (else it stays on the CPU)."""
+    device = torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return criterion
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return criterion
+    return criterion.to(device)
 
 
 def _src_permutation_idx(indices: Indices) -> tuple[Tensor, Tensor]:

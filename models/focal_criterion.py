@@ -7,16 +7,15 @@ as class-agnostic boxes: they are matched and classified with every target label
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .criterion import SetCriterion, _matched_classes, _src_permutation_idx, class_error, sigmoid_focal_loss
-from .matcher import HungarianMatcher, build_matcher
+from .matcher import HungarianMatcher
 
-__all__ = ["FocalSetCriterion", "build_deformable_criterion", "build_deformable_weight_dict"]
+__all__ = ["FocalSetCriterion"]
 
 Indices = list[tuple[Tensor, Tensor]]
 
@@ -75,38 +74,3 @@ class FocalSetCriterion(SetCriterion):
             indices = self._match([enc_outputs], bin_targets)[0]
             losses.update(self._output_losses(enc_outputs, bin_targets, indices, num_boxes, "_enc"))
         return losses
-
-
-def build_deformable_weight_dict(args: argparse.Namespace) -> dict[str, float]:
-    """Published Deformable DETR loss weights (21 entries for 6 decoder layers).
-
-    Reads ``cls_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``, ``masks`` (``mask_loss_coef``,
-    ``dice_loss_coef``), ``aux_loss`` and ``dec_layers``. With aux_loss, every weight is copied for each earlier
-    decoder layer (``_0`` ... ``_{dec_layers-2}``) and for ``_enc``; the ``_enc`` copies are present even without
-    --two_stage (published).
-    """
-    weight_dict = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-    if args.masks:
-        weight_dict["loss_mask"] = args.mask_loss_coef
-        weight_dict["loss_dice"] = args.dice_loss_coef
-    if args.aux_loss:
-        base = dict(weight_dict)
-        for suffix in [f"_{i}" for i in range(args.dec_layers - 1)] + ["_enc"]:
-            weight_dict.update({f"{k}{suffix}": v for k, v in base.items()})
-    return weight_dict
-
-
-def build_deformable_criterion(args: argparse.Namespace, num_classes: int) -> FocalSetCriterion:
-    """FocalSetCriterion of the published Deformable DETR recipe.
-
-    Reads the fields of ``build_matcher`` and ``build_deformable_weight_dict``, plus ``focal_alpha`` and
-    ``masks``. The caller moves it to the device.
-    """
-    losses = ["labels", "boxes", "cardinality"] + (["masks"] if args.masks else [])
-    return FocalSetCriterion(
-        num_classes,
-        matcher=build_matcher(args),
-        weight_dict=build_deformable_weight_dict(args),
-        losses=losses,
-        focal_alpha=args.focal_alpha,
-    )

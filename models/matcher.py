@@ -2,16 +2,17 @@
 
 Cost of assigning query i to target j: ``cost_bbox * L1(box_i, box_j) + cost_class * class_ij
 - cost_giou * GIoU(box_i, box_j)``, minimised per image by ``scipy.optimize.linear_sum_assignment``.
-The class term is ``-softmax(logits)[class_j]`` for DETR and the focal cost of ``sigmoid(logits)[class_j]`` for
-Deformable DETR and DINO (``class_cost="focal"``). The costs of every decoder layer and image of a step are built
+The class term is ``-softmax(logits)[class_j]`` (``class_cost="softmax"``) or the focal cost of
+``sigmoid(logits)[class_j]`` (``class_cost="focal"``); each family's build picks it.
+The costs of every decoder layer and image of a step are built
 on the device at once (one padded [L, B, Q, T_max] block per query count) and copied to the host in a single
 transfer; only the solver runs per image.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -19,26 +20,23 @@ from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["DINO_GIOU_EPS", "HungarianMatcher", "build_matcher", "focal_class_cost"]
+__all__ = ["CLASS_COSTS", "HungarianMatcher", "MatchingCosts", "build_matcher", "focal_class_cost"]
 
 Indices = list[tuple[Tensor, Tensor]]
 
-# Deformable DETR and DINO fix the focal matching cost's parameters (independent of --focal_alpha).
-_FOCAL_ALPHA = 0.25
+CLASS_COSTS = ("softmax", "focal")
 _FOCAL_GAMMA = 2.0
-# DINO's box_ops add 1e-6 to the IoU and GIoU denominators (DESIGN_DINO "Matcher").
-DINO_GIOU_EPS = 1e-6
 
 
-def focal_class_cost(logits: Tensor) -> Tensor:
+def focal_class_cost(logits: Tensor, alpha: float = 0.25) -> Tensor:
     """Focal matching cost of every class: [..., K] logits -> [..., K] (gather it at the target classes).
 
-    ``alpha (1 - p)^g (-log(p + 1e-8)) - (1 - alpha) p^g (-log(1 - p + 1e-8))`` with p = sigmoid(logits),
-    alpha 0.25 and g 2: the focal loss of labelling the query positive minus that of labelling it negative.
+    ``alpha (1 - p)^g (-log(p + 1e-8)) - (1 - alpha) p^g (-log(1 - p + 1e-8))`` with p = sigmoid(logits) and
+    g 2: the focal loss of labelling the query positive minus that of labelling it negative.
     """
     prob = logits.sigmoid()
-    pos = _FOCAL_ALPHA * (1 - prob) ** _FOCAL_GAMMA * -(prob + 1e-8).log()
-    neg = (1 - _FOCAL_ALPHA) * prob**_FOCAL_GAMMA * -(1 - prob + 1e-8).log()
+    pos = alpha * (1 - prob) ** _FOCAL_GAMMA * -(prob + 1e-8).log()
+    neg = (1 - alpha) * prob**_FOCAL_GAMMA * -(1 - prob + 1e-8).log()
     return pos - neg
 
 
@@ -58,9 +56,10 @@ class HungarianMatcher(nn.Module):
         cost_class: weight of the class cost.
         cost_bbox: weight of the L1 distance between normalised cxcywh boxes.
         cost_giou: weight of the (negated) generalised IoU.
-        class_cost: "softmax" (DETR: -softmax probability; the logits end with a "no object" entry) or
-            "focal" (Deformable DETR, DINO: ``focal_class_cost`` of sigmoid probabilities, no "no object" entry).
-        giou_eps: None for DETR's GIoU; 1e-6 (``DINO_GIOU_EPS``) for DINO's (see ``util.box_ops``).
+        class_cost: "softmax" (-softmax probability; the logits end with a "no object" entry) or "focal"
+            (``focal_class_cost`` of sigmoid probabilities, no "no object" entry).
+        focal_alpha: alpha of the focal class cost (unused by "softmax").
+        giou_eps: ``+ eps`` of the GIoU denominators, None for none (see ``util.box_ops``).
     """
 
     def __init__(
@@ -70,24 +69,26 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 1,
         class_cost: str = "softmax",
         giou_eps: float | None = None,
+        focal_alpha: float = 0.25,
     ):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: set_cost_class, set_cost_bbox and set_cost_giou cannot all be 0")
-        if class_cost not in ("softmax", "focal"):
+        if class_cost not in CLASS_COSTS:
             raise ValueError(f"HungarianMatcher: class_cost must be 'softmax' or 'focal', got {class_cost!r}")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
         self.class_cost = class_cost
         self.giou_eps = giou_eps
+        self.focal_alpha = focal_alpha
 
     def _num_classes(self, num_logits: int) -> int:
         return num_logits - 1 if self.class_cost == "softmax" else num_logits
 
     def _class_cost(self, logits: Tensor) -> Tensor:
         """[..., K(+1)] float32 logits -> [..., K(+1)] cost of assigning each class."""
-        return -logits.softmax(-1) if self.class_cost == "softmax" else focal_class_cost(logits)
+        return -logits.softmax(-1) if self.class_cost == "softmax" else focal_class_cost(logits, self.focal_alpha)
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Tensor]]) -> Indices:
@@ -243,17 +244,27 @@ class HungarianMatcher(nn.Module):
         return indices
 
 
-def build_matcher(args: argparse.Namespace) -> HungarianMatcher:
-    """HungarianMatcher with the --set_cost_class / --set_cost_bbox / --set_cost_giou weights.
+class MatchingCosts(Protocol):
+    """What ``build_matcher`` reads: the --set_cost_* weights (parsed args or a family's settings)."""
 
-    ``args.model`` (default "detr") picks the class cost: softmax for DETR, focal for "deformable_detr" and
-    "dino"; DINO also gets its GIoU epsilon.
+    set_cost_class: float
+    set_cost_bbox: float
+    set_cost_giou: float
+
+
+def build_matcher(
+    costs: MatchingCosts, class_cost: str = "softmax", focal_alpha: float = 0.25, giou_eps: float | None = None
+) -> HungarianMatcher:
+    """HungarianMatcher with the --set_cost_class / --set_cost_bbox / --set_cost_giou weights of ``costs``.
+
+    The class cost kind, its focal alpha and the GIoU epsilon are the caller's (each family's build); the
+    defaults are DETR's, so the published ``build_matcher(args)`` is unchanged.
     """
-    family = getattr(args, "model", "detr")
     return HungarianMatcher(
-        cost_class=args.set_cost_class,
-        cost_bbox=args.set_cost_bbox,
-        cost_giou=args.set_cost_giou,
-        class_cost="focal" if family in ("deformable_detr", "dino") else "softmax",
-        giou_eps=DINO_GIOU_EPS if family == "dino" else None,
+        cost_class=costs.set_cost_class,
+        cost_bbox=costs.set_cost_bbox,
+        cost_giou=costs.set_cost_giou,
+        class_cost=class_cost,
+        giou_eps=giou_eps,
+        focal_alpha=focal_alpha,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -106,21 +105,26 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1)[None].expand(x.shape[0], -1, -1, -1)
 
 
-def build_position_encoding(args: argparse.Namespace) -> nn.Module:
-    """Position encoding with hidden_dim / 2 features per axis ('sine' normalised, or 'learned')."""
-    num_pos_feats = args.hidden_dim // 2
-    family = getattr(args, "model", "detr")
-    # 'v2' / 'v3' are the published aliases of sine / learned.
-    if args.position_embedding in ("sine", "v2"):
-        if family == "deformable_detr":  # published: cell centres (offset -0.5), --position_embedding_scale
-            return PositionEmbeddingSine(
-                num_pos_feats, normalize=True, scale=args.position_embedding_scale, offset=-0.5
-            )
-        if family == "dino":  # published PositionEmbeddingSineHW: per-axis temperatures, no offset
-            return PositionEmbeddingSine(
-                num_pos_feats, args.pe_temperatureH, True, args.position_embedding_scale, 0.0, args.pe_temperatureW
-            )
-        return PositionEmbeddingSine(num_pos_feats, normalize=True)
-    if args.position_embedding in ("learned", "v3"):
+def build_position_encoding(
+    kind: str,
+    hidden_dim: int,
+    scale: float | None = None,
+    offset: float = 0.0,
+    temperature: float = 10000,
+    temperature_w: float | None = None,
+) -> nn.Module:
+    """Position encoding with hidden_dim / 2 features per axis.
+
+    Args:
+        kind: 'sine' (normalised ``PositionEmbeddingSine``) or 'learned' (``PositionEmbeddingLearned``); 'v2' / 'v3'
+            are the published aliases.
+        hidden_dim: the transformer width D (the encoding has D channels).
+        scale, offset, temperature, temperature_w: the sine encoding's (see ``PositionEmbeddingSine``); each
+            family passes its published values.
+    """
+    num_pos_feats = hidden_dim // 2
+    if kind in ("sine", "v2"):
+        return PositionEmbeddingSine(num_pos_feats, temperature, True, scale, offset, temperature_w)
+    if kind in ("learned", "v3"):
         return PositionEmbeddingLearned(num_pos_feats)
-    raise ValueError(f"--position_embedding {args.position_embedding}: expected 'sine' or 'learned'")
+    raise ValueError(f"--position_embedding {kind}: expected 'sine' or 'learned'")

@@ -1,14 +1,14 @@
 """Conversion of the model output to COCO-style detections in original image coordinates.
 
-``PostProcess`` is DETR's (softmax, one detection per query); ``PostProcessTopK`` is Deformable DETR's and DINO's
-(sigmoid, the top-k (query, class) pairs of the image), published as ``PostProcess`` in those families' files.
+``PostProcess`` scores softmax logits with a "no object" entry (one detection per query); ``PostProcessTopK``
+sigmoid logits (the top-k (query, class) pairs of the image). Each family's folder publishes its one as
+``PostProcess``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from util.box_ops import box_cxcywh_to_xyxy
 
@@ -53,14 +53,12 @@ class PostProcessTopK(nn.Module):
     """The ``num_select`` best (query, class) pairs of each image by sigmoid score, boxes in pixels.
 
     Args:
-        num_select: detections kept per image (Deformable DETR 100, DINO 300; at most Q * K).
-        nms_iou_threshold: class-agnostic NMS on the kept detections when > 0 (DINO's option; off by default).
+        num_select: detections kept per image (at most Q * K are).
     """
 
-    def __init__(self, num_select: int = 100, nms_iou_threshold: float = -1):
+    def __init__(self, num_select: int = 100):
         super().__init__()
         self.num_select = num_select
-        self.nms_iou_threshold = nms_iou_threshold
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
@@ -73,7 +71,7 @@ class PostProcessTopK(nn.Module):
 
         Returns:
             B dicts with 'scores' [N], 'labels' int64 [N] and 'boxes' [N, 4] absolute x0, y0, x1, y1, in
-            descending score order (N = num_select, or fewer after NMS).
+            descending score order (N = min(num_select, Q * K)).
         """
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         _check_target_sizes("PostProcessTopK", len(logits), target_sizes)
@@ -83,8 +81,4 @@ class PostProcessTopK(nn.Module):
         query = index // num_classes
         labels = index % num_classes
         boxes = _scale_boxes(boxes, target_sizes).gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
-        results = [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
-        if self.nms_iou_threshold > 0:
-            kept = [nms(r["boxes"], r["scores"], self.nms_iou_threshold) for r in results]
-            results = [{k: v[keep] for k, v in r.items()} for r, keep in zip(results, kept)]
-        return results
+        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]

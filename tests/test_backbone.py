@@ -12,8 +12,10 @@ import torchvision
 from conftest import parse_tiny_args
 from torchvision.ops import FrozenBatchNorm2d
 
+import models
 from models import backbone as backbone_module
-from models.backbone import Backbone, Joiner, build_backbone
+from models.backbone import Backbone, Joiner
+from models.backbone import build_backbone as build_backbone_of_settings
 from util.misc import nested_tensor_from_tensor_list
 
 
@@ -27,6 +29,12 @@ def resnet18_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "resnet18-f37072fd.pth"
     torch.save(net.state_dict(), path)
     return path, net.state_dict()
+
+
+def build_backbone(args, **kwargs) -> Joiner:
+    """The DETR family's backbone of parsed flags (all four stages with --masks, as DETR's build asks)."""
+    settings = models.FAMILIES["detr"].make_settings(vars(args))
+    return build_backbone_of_settings(settings, return_interm_layers=settings.masks, **kwargs)
 
 
 def test_last_stage_output_and_mask_resizing():

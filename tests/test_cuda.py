@@ -33,7 +33,7 @@ from pycocotools.coco import COCO
 import models
 from engine import evaluate
 from main import build_optimizer
-from models.transformer import set_attention_kernel
+from models.attention import set_attention_kernel
 from util.acceleration import apply_channels_last
 from util.amp import autocast_context, make_grad_scaler, optimizer_step
 from util.misc import nested_tensor_from_tensor_list

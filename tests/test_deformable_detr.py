@@ -9,16 +9,18 @@ import pytest
 import torch
 import torchvision
 
+import models
 from main import get_args_parser
 from models.box_refinement import inverse_sigmoid, refine_boxes
-from models.deformable_detr import DeformableDETR, build_multiscale_backbone
-from models.deformable_transformer import (
+from models.deformable_detr import DeformableDETR
+from models.deformable_detr.transformer import (
     DeformableTransformer,
     DeformableTransformerEncoder,
     box_sine_embedding,
     encoder_proposals,
     valid_ratios,
 )
+from models.multiscale import build_multiscale_backbone
 from tests.conftest import TINY_FLAGS
 from util.misc import nested_tensor_from_tensor_list
 
@@ -33,15 +35,17 @@ RECIPES = {
 
 def _build(flags: list[str], device: str = "cpu") -> DeformableDETR:
     args = get_args_parser().parse_args(["--model", "deformable_detr", *flags])
+    settings = models.FAMILIES["deformable_detr"].make_settings(vars(args))
     stages = [1, 2, 3] if args.num_feature_levels > 1 else [3]
+    position = {"scale": settings.position_embedding_scale, "offset": -0.5}
     with torch.device(device):
         transformer = DeformableTransformer(
             args.hidden_dim, args.nheads, args.enc_layers, args.dec_layers, args.dim_feedforward, args.dropout,
             args.num_feature_levels, args.dec_n_points, args.enc_n_points, args.two_stage, args.num_queries,
         )  # fmt: skip
         return DeformableDETR(
-            build_multiscale_backbone(args, stages), transformer, 91, args.num_queries, args.num_feature_levels,
-            args.aux_loss, args.with_box_refine, args.two_stage,
+            build_multiscale_backbone(settings, stages, **position), transformer, 91, args.num_queries,
+            args.num_feature_levels, args.aux_loss, args.with_box_refine, args.two_stage,
         )  # fmt: skip
 
 

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from conftest import parse_tiny_args
 
 from models import build_model
+from models.attention import set_attention_kernel
 from models.criterion import SetCriterion
-from models.detr import DETR, MLP, PostProcess, num_classes_from_args
+from models.detr import DETR, MLP, PostProcess
 from models.detr import SetCriterion as SetCriterionFromDetr
-from models.transformer import set_attention_kernel
 from util.misc import nested_tensor_from_tensor_list
 
 
@@ -93,9 +93,14 @@ def test_build_wiring():
 
 
 def test_num_classes_rule():
-    assert num_classes_from_args(parse_tiny_args()) == 91
-    assert num_classes_from_args(parse_tiny_args("--dataset_file", "coco_panoptic")) == 250
-    assert num_classes_from_args(parse_tiny_args("--dataset_file", "coco_panoptic", "--num_classes", "5")) == 5
+    def classes(*flags: str, num_classes: int | None = None) -> int:
+        return build_model(parse_tiny_args(*flags), num_classes)[0].class_embed.out_features - 1
+
+    assert classes() == 91
+    assert classes("--dataset_file", "synthetic") == 91
+    assert classes("--dataset_file", "coco_panoptic") == 250
+    assert classes("--dataset_file", "coco_panoptic", "--num_classes", "5") == 5
+    assert classes("--num_classes", "5", num_classes=7) == 7  # the caller's (inferred) count wins
 
 
 def test_frozen_weights_require_masks():
@@ -104,7 +109,7 @@ def test_frozen_weights_require_masks():
 
 
 def test_masks_build_wraps_segmentation_model():
-    segmentation = pytest.importorskip("models.segmentation")
+    segmentation = pytest.importorskip("models.detr.segmentation")
     args = parse_tiny_args("--masks", "--dataset_file", "coco_panoptic")
     model, criterion, postprocessors = build_model(args)
     assert isinstance(model, segmentation.DETRsegm) and isinstance(model.detr, DETR)

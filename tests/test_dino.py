@@ -193,7 +193,7 @@ def test_mixed_query_selection_and_look_forward_twice():
 
 
 def test_decoder_query_pos_is_the_yxwh_sine_embedding_of_the_reference():
-    from models.deformable_transformer import box_sine_embedding
+    from models.deformable_detr.transformer import box_sine_embedding
 
     model, _, _ = _tiny()
     model.eval()

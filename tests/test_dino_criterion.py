@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 from conftest import parse_tiny_args
 from oracles import focal_term, giou_cxcywh
 
-from models.dino_criterion import DINOCriterion, build_dino_criterion, build_dino_weight_dict, dn_positive_indices
+import models
+from models.dino.criterion import DINOCriterion, build_dino_criterion, build_dino_weight_dict, dn_positive_indices
 from models.focal_criterion import FocalSetCriterion
 from models.matcher import HungarianMatcher
 
@@ -194,23 +193,27 @@ def test_zero_dn_entries_follow_cuda_outputs():
     assert all(v.device.type == "cuda" for v in losses.values())
 
 
+def _settings(*flags: str):
+    return models.FAMILIES["dino"].make_settings(vars(parse_tiny_args("--model", "dino", *flags)))
+
+
 def test_dino_weight_dict_has_39_entries_for_6_layers():
-    args = parse_tiny_args("--model", "dino", "--dec_layers", "6")
-    weights = build_dino_weight_dict(args)
+    weights = build_dino_weight_dict(_settings("--dec_layers", "6"))
     assert len(weights) == 39
     for suffix in ["", "_dn"] + [f"_{i}" for i in range(5)] + [f"_dn_{i}" for i in range(5)] + ["_interm"]:
         assert (weights[f"loss_ce{suffix}"], weights[f"loss_bbox{suffix}"], weights[f"loss_giou{suffix}"]) == (1, 5, 2)
     assert not any(k.startswith(("loss_xy", "loss_hw", "cardinality", "class_error")) for k in weights)
-    scaled = build_dino_weight_dict(parse_tiny_args("--model", "dino", "--interm_loss_coef", "0.5"))
+    scaled = build_dino_weight_dict(_settings("--interm_loss_coef", "0.5"))
     assert (scaled["loss_ce_interm"], scaled["loss_bbox_interm"], scaled["loss_giou_interm"]) == (0.5, 2.5, 1.0)
-    no_box = build_dino_weight_dict(parse_tiny_args("--model", "dino", "--no_interm_box_loss"))
+    no_box = build_dino_weight_dict(_settings("--no_interm_box_loss"))
     assert (no_box["loss_ce_interm"], no_box["loss_bbox_interm"], no_box["loss_giou_interm"]) == (1, 0, 0)
-    plain = argparse.Namespace(**{**vars(args), "use_dn": False, "two_stage_type": "no", "aux_loss": False})
-    assert build_dino_weight_dict(plain) == {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}
+    no_aux = build_dino_weight_dict(_settings("--no_aux_loss"))
+    assert no_aux == {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2, "loss_ce_dn": 1, "loss_bbox_dn": 5,
+                      "loss_giou_dn": 2, "loss_ce_interm": 1, "loss_bbox_interm": 5, "loss_giou_interm": 2}  # fmt: skip
 
 
 def test_build_dino_criterion_reads_the_flags():
-    criterion = build_dino_criterion(parse_tiny_args("--model", "dino", "--dec_layers", "6"), num_classes=91)
+    criterion = build_dino_criterion(_settings("--dec_layers", "6"), num_classes=91)
     assert isinstance(criterion, DINOCriterion) and isinstance(criterion, FocalSetCriterion)
     assert criterion.num_classes == 91 and criterion.focal_alpha == 0.25
     assert criterion.losses == ["labels", "boxes", "cardinality"]

@@ -11,8 +11,10 @@ from conftest import parse_tiny_args
 from oracles import focal_term, giou_cxcywh
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
+import models
 from models.criterion import SetCriterion
-from models.focal_criterion import FocalSetCriterion, build_deformable_criterion, build_deformable_weight_dict
+from models.deformable_detr.build import build_deformable_criterion, build_deformable_weight_dict
+from models.focal_criterion import FocalSetCriterion
 from models.matcher import HungarianMatcher
 
 K = 3  # classes; no "no object" logit
@@ -212,21 +214,21 @@ def test_losses_are_float32_under_autocast():
         torch.testing.assert_close(value, expected[name])
 
 
+def _settings(*flags: str):
+    return models.FAMILIES["deformable_detr"].make_settings(vars(parse_tiny_args("--model", "deformable_detr", *flags)))
+
+
 def test_deformable_weight_dict_has_21_entries_for_6_layers():
-    args = parse_tiny_args("--model", "deformable_detr", "--dec_layers", "6")
-    weights = build_deformable_weight_dict(args)
+    weights = build_deformable_weight_dict(_settings("--dec_layers", "6"))
     assert len(weights) == 21
     for suffix in ["", "_enc"] + [f"_{i}" for i in range(5)]:
         assert weights[f"loss_ce{suffix}"] == 2 and weights[f"loss_bbox{suffix}"] == 5
         assert weights[f"loss_giou{suffix}"] == 2
-    assert len(build_deformable_weight_dict(parse_tiny_args("--model", "deformable_detr", "--no_aux_loss"))) == 3
-    masks = build_deformable_weight_dict(parse_tiny_args("--model", "deformable_detr", "--masks"))
-    assert masks["loss_mask_0"] == 1 and masks["loss_dice_enc"] == 1 and len(masks) == 5 * 3
+    assert len(build_deformable_weight_dict(_settings("--no_aux_loss"))) == 3
 
 
 def test_build_deformable_criterion_reads_the_flags():
-    args = parse_tiny_args("--model", "deformable_detr", "--focal_alpha", "0.4", "--cls_loss_coef", "3")
-    criterion = build_deformable_criterion(args, num_classes=91)
+    criterion = build_deformable_criterion(_settings("--focal_alpha", "0.4", "--cls_loss_coef", "3"), num_classes=91)
     assert isinstance(criterion, FocalSetCriterion)
     assert criterion.num_classes == 91 and criterion.focal_alpha == 0.4
     assert criterion.losses == ["labels", "boxes", "cardinality"]

@@ -11,6 +11,7 @@ import torch
 from conftest import parse_tiny_args
 from oracles import giou_xyxy
 
+from models import build_model
 from models.matcher import HungarianMatcher, build_matcher, focal_class_cost
 
 
@@ -275,11 +276,22 @@ def test_focal_labels_may_use_every_logit_but_not_beyond():
     ("model", "class_cost", "eps"),
     [("detr", "softmax", None), ("deformable_detr", "focal", None), ("dino", "focal", 1e-6)],
 )
-def test_build_matcher_picks_the_family_cost(model, class_cost, eps):
-    matcher = build_matcher(parse_tiny_args("--model", model))
+def test_each_family_builds_its_matching_cost(model, class_cost, eps):
+    matcher = build_model(parse_tiny_args("--model", model, "--dn_number", "4"))[1].matcher
     assert (matcher.class_cost, matcher.giou_eps) == (class_cost, eps)
     expected_class = 1 if model == "detr" else 2
     assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (expected_class, 5, 2)
+
+
+@pytest.mark.parametrize(("model", "alpha"), [("deformable_detr", 0.25), ("dino", 0.4)])
+def test_focal_matching_alpha_follows_focal_alpha_for_dino_only(model, alpha):
+    """Published: DINO's matcher reads --focal_alpha, Deformable DETR's keeps 0.25 (DESIGN_DINO / _DEFORMABLE)."""
+    matcher = build_model(parse_tiny_args("--model", model, "--focal_alpha", "0.4", "--dn_number", "4"))[1].matcher
+    assert matcher.focal_alpha == alpha
+    logits = torch.tensor([[[0.3, -1.2, 2.0]]])
+    p = torch.sigmoid(logits).double()
+    by_hand = alpha * (1 - p) ** 2 * -(p + 1e-8).log() - (1 - alpha) * p**2 * -(1 - p + 1e-8).log()
+    torch.testing.assert_close(matcher._class_cost(logits).double(), by_hand, rtol=1e-6, atol=1e-7)
 
 
 def test_build_matcher_without_a_model_field_is_detr():

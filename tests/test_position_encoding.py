@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import parse_tiny_args
 
+import models
 from models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding
 from util.misc import NestedTensor
 
@@ -79,8 +80,24 @@ def test_learned_layout_x_first_then_y():
         enc(_nested(51, 4, [(51, 4)]))
 
 
-def test_build_position_encoding_from_args():
-    sine = build_position_encoding(parse_tiny_args())
+def test_build_position_encoding_of_kind_and_width():
+    sine = build_position_encoding("sine", 32)
     assert isinstance(sine, PositionEmbeddingSine) and sine.normalize and sine.num_pos_feats == 16
-    learned = build_position_encoding(parse_tiny_args("--position_embedding", "learned"))
+    assert (sine.temperature, sine.temperature_w, sine.offset, sine.scale) == (10000, 10000, 0.0, 2 * math.pi)
+    learned = build_position_encoding("learned", 32)
     assert isinstance(learned, PositionEmbeddingLearned) and learned.row_embed.weight.shape == (50, 16)
+    with pytest.raises(ValueError, match="--position_embedding fourier"):
+        build_position_encoding("fourier", 32)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--model", "detr"), (10000, 10000, 0.0, 2 * math.pi)),
+        (("--model", "deformable_detr", "--position_embedding_scale", "3"), (10000, 10000, -0.5, 3.0)),
+        (("--model", "dino", "--pe_temperatureH", "30", "--dn_number", "4"), (30, 20, 0.0, 2 * math.pi)),
+    ],
+)
+def test_each_family_passes_its_published_sine_choices(flags, expected):
+    encoding = models.build_model(parse_tiny_args(*flags))[0].backbone[1]
+    assert (encoding.temperature, encoding.temperature_w, encoding.offset, encoding.scale) == expected

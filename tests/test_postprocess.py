@@ -86,14 +86,11 @@ def test_top_k_picks_several_classes_of_one_query_and_defaults_to_100():
     )
 
 
-def test_top_k_optional_nms_and_bad_target_sizes():
+def test_top_k_keeps_overlapping_boxes_and_refuses_bad_target_sizes():
     logits = torch.tensor([[[4.0], [3.0], [2.0]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.51, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]]])
     outputs = dict(pred_logits=logits, pred_boxes=boxes)
-    assert len(PostProcessTopK(3)(outputs, torch.tensor([[100, 100]]))[0]["scores"]) == 3
-    kept = PostProcessTopK(3, nms_iou_threshold=0.5)(outputs, torch.tensor([[100, 100]]))[0]
-    assert kept["scores"].tolist() == pytest.approx(
-        [torch.sigmoid(torch.tensor(4.0)).item(), torch.sigmoid(torch.tensor(2.0)).item()]
-    )
+    kept = PostProcessTopK(3)(outputs, torch.tensor([[100, 100]]))[0]
+    assert kept["scores"].tolist() == pytest.approx(torch.sigmoid(torch.tensor([4.0, 3.0, 2.0])).tolist())  # no NMS
     with pytest.raises(ValueError, match="target_sizes"):
         PostProcessTopK()(outputs, torch.tensor([[10, 10], [10, 10]]))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models.segmentation import DETRsegm, MaskHeadSmallConv, MHAttentionMap, dice_loss, sigmoid_focal_loss
+from models.detr.segmentation import DETRsegm, MaskHeadSmallConv, MHAttentionMap, dice_loss, sigmoid_focal_loss
 
 # Published R50 panoptic checkpoint (hidden 256, 8 heads): every non-detector tensor and its shape.
 R50_MASK_KEYS = {
@@ -234,7 +234,7 @@ def decode(prediction):
 
 
 def test_panoptic_merges_stuff_and_respects_threshold():
-    from models.segmentation import PostProcessPanoptic
+    from models.detr.segmentation import PostProcessPanoptic
 
     masks = torch.full((1, 5, 8, 8), -5.0)
     masks[0, 0, :4] = 5  # thing 1: top half
@@ -256,7 +256,7 @@ def test_panoptic_merges_stuff_and_respects_threshold():
 
 
 def test_panoptic_things_of_one_class_stay_separate():
-    from models.segmentation import PostProcessPanoptic
+    from models.detr.segmentation import PostProcessPanoptic
 
     masks = torch.full((1, 2, 8, 8), -5.0)
     masks[0, 0, :, :4] = 5
@@ -268,7 +268,7 @@ def test_panoptic_things_of_one_class_stay_separate():
 
 @pytest.mark.parametrize("small_width, kept", [(2, False), (3, True)])
 def test_panoptic_drops_tiny_segments(small_width, kept):
-    from models.segmentation import PostProcessPanoptic
+    from models.detr.segmentation import PostProcessPanoptic
 
     masks = torch.zeros(1, 2, 8, 8)
     masks[0, 1, :2, :small_width] = 10  # a 2 x small_width segment of class 2 over class 1
@@ -287,7 +287,7 @@ def test_panoptic_drops_tiny_segments(small_width, kept):
 
 
 def test_panoptic_crops_padding_and_handles_empty_images():
-    from models.segmentation import PostProcessPanoptic
+    from models.detr.segmentation import PostProcessPanoptic
 
     masks = torch.full((2, 2, 8, 8), -5.0)
     masks[:, 0, :2] = 5
@@ -307,7 +307,7 @@ def test_panoptic_crops_padding_and_handles_empty_images():
 
 
 def test_segm_masks_cropped_and_resized_to_original_size():
-    from models.segmentation import PostProcessSegm
+    from models.detr.segmentation import PostProcessSegm
 
     logits = torch.full((2, 3, 4, 4), -10.0)
     logits[:, 0, :, :2] = 10  # left half
@@ -332,7 +332,7 @@ def test_segm_output_scores_perfect_mask_ap_with_coco_evaluator():
 
     from datasets.coco_eval import CocoEvaluator
     from models.detr import PostProcess
-    from models.segmentation import PostProcessSegm
+    from models.detr.segmentation import PostProcessSegm
 
     # original image 32 x 48 (h x w), fed to the model at 16 x 24; masks on the 4 x 6 stride-4 grid
     gt_masks = torch.zeros(2, 32, 48, dtype=torch.uint8)

@@ -9,13 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.transformer import (
-    MultiheadAttention,
-    Transformer,
-    TransformerDecoderLayer,
-    TransformerEncoderLayer,
-    set_attention_kernel,
-)
+from models.attention import MultiheadAttention, set_attention_kernel
+from models.detr.transformer import Transformer, TransformerDecoderLayer, TransformerEncoderLayer
 
 D, HEADS = 16, 4
 

@@ -1,5 +1,5 @@
 """Deformable DETR (Zhu et al., ICLR 2021): DETR with multi-scale deformable attention, optional iterative box
-refinement and two-stage proposals, and ``build(args) -> (model, criterion, postprocessors)``.
+refinement and two-stage proposals.
 
 Published quirks reproduced here: the heads are shared (plain) or cloned (refinement) and additionally registered
 inside the decoder, so they appear under several state-dict keys; the class head has no "no object" logit.
@@ -7,84 +7,19 @@ inside the decoder, so they appear under several state-dict keys; the class head
 
 from __future__ import annotations
 
-import argparse
 import copy
-import math
 
-import torch
 from torch import Tensor, nn
 
-from util.misc import NestedTensor, nested_tensor_from_tensor_list
+from util.misc import NestedTensor
 
-from .backbone import Backbone, Joiner, _downsample_mask_nearest
-from .box_refinement import refine_boxes
-from .deformable_transformer import DeformableTransformer
-from .detr import MLP
-from .focal_criterion import FocalSetCriterion as SetCriterion  # published names
-from .position_encoding import build_position_encoding
-from .postprocess import PostProcessTopK as PostProcess
+from ..backbone import Joiner
+from ..box_refinement import refine_boxes
+from ..heads import aux_outputs, build_detection_heads
+from ..multiscale import build_input_proj, project_levels
+from .transformer import DeformableTransformer
 
-__all__ = [
-    "MLP",
-    "DeformableDETR",
-    "PostProcess",
-    "SetCriterion",
-    "build",
-    "build_input_proj",
-    "build_multiscale_backbone",
-    "init_detection_heads",
-    "project_levels",
-]
-
-
-def build_input_proj(backbone_channels: list[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
-    """``input_proj.{l}``: 1x1 conv + GroupNorm(32) per backbone level, then 3x3 stride-2 convs for extra levels
-    (the first reads the last backbone map, later ones the previous projected level)."""
-    projections = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(32, hidden_dim)) for c in backbone_channels]
-    in_channels = backbone_channels[-1]
-    for _ in range(num_feature_levels - len(backbone_channels)):
-        projections.append(
-            nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1), nn.GroupNorm(32, hidden_dim))
-        )
-        in_channels = hidden_dim
-    for proj in projections:
-        nn.init.xavier_uniform_(proj[0].weight, gain=1)
-        nn.init.constant_(proj[0].bias, 0)
-    return nn.ModuleList(projections)
-
-
-def project_levels(backbone: Joiner, input_proj: nn.ModuleList, samples: NestedTensor | list[Tensor] | Tensor):
-    """Backbone levels plus the extra stride-2 levels -> (srcs, masks, positions), L each, finest first.
-
-    ``samples``: a NestedTensor, a list of [3, H_i, W_i] images (padded here) or a [B, 3, H, W] batch.
-    """
-    if not isinstance(samples, NestedTensor):
-        samples = nested_tensor_from_tensor_list(samples)
-    if samples.mask is None:
-        images = samples.tensors
-        mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        samples = NestedTensor(images, mask)
-    features, pos = backbone(samples)
-    srcs = [proj(feature.tensors) for proj, feature in zip(input_proj, features)]
-    masks = [feature.mask for feature in features]
-    pos = list(pos)
-    image_mask = samples.mask
-    for lvl in range(len(features), len(input_proj)):
-        # The first extra level reads the raw last backbone map, the next ones the previous projected level.
-        src = input_proj[lvl](features[-1].tensors if lvl == len(features) else srcs[-1])
-        # Extra levels resize the image mask itself, not the previous level's mask.
-        mask = _downsample_mask_nearest(image_mask, src.shape[-2:])
-        srcs.append(src)
-        masks.append(mask)
-        pos.append(backbone[1](NestedTensor(src, mask)).to(src.dtype))
-    return srcs, masks, pos
-
-
-def init_detection_heads(class_embed: nn.Linear, bbox_embed: MLP, prior_prob: float = 0.01) -> None:
-    """Focal-loss prior on the class bias (every class starts at probability 0.01); box head's last layer zero."""
-    nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-    nn.init.constant_(bbox_embed.layers[-1].weight, 0)
-    nn.init.constant_(bbox_embed.layers[-1].bias, 0)
+__all__ = ["DeformableDETR"]
 
 
 class DeformableDETR(nn.Module):
@@ -112,13 +47,11 @@ class DeformableDETR(nn.Module):
         self.aux_loss = aux_loss
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage
-        class_embed = nn.Linear(hidden_dim, num_classes)
-        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        class_embed, bbox_embed = build_detection_heads(hidden_dim, num_classes)
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
         self.input_proj = build_input_proj(backbone[0].stage_channels, hidden_dim, num_feature_levels)
         self.backbone = backbone
-        init_detection_heads(class_embed, bbox_embed)
 
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
         if with_box_refine:
@@ -162,75 +95,7 @@ class DeformableDETR(nn.Module):
             boxes.append(refine_boxes(self.bbox_embed[lvl](hs[lvl]), reference))
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
+            out["aux_outputs"] = aux_outputs(logits, boxes)
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
         return out
-
-
-def build_multiscale_backbone(args: argparse.Namespace, stage_indices: list[int]) -> Joiner:
-    """Backbone returning ResNet stages ``stage_indices`` (0 = layer1), with the family's position encoding.
-
-    ``--backbone_stages`` (this project's truncated ResNet, e.g. for the CPU demos) keeps only the stages below it.
-    """
-    backbone = Backbone(
-        args.backbone,
-        train_backbone=args.lr_backbone > 0,
-        return_interm_layers=len(stage_indices) > 1,
-        dilation=args.dilation,
-        weights=getattr(args, "backbone_weights", "imagenet"),
-        stages=getattr(args, "backbone_stages", 4),
-        return_interm_indices=stage_indices,
-    )
-    return Joiner(backbone, build_position_encoding(args))
-
-
-def check_deformable_args(args: argparse.Namespace) -> None:
-    """Flags that do not combine with the deformable families: ValueError naming both."""
-    family = f"--model {args.model}"
-    conflicts = {
-        "--masks": args.masks,
-        "--pre_norm": args.pre_norm,
-        "--box_refine (use --with_box_refine)": getattr(args, "box_refine", False),
-        f"--spatial_prior {getattr(args, 'spatial_prior', 'none')}": getattr(args, "spatial_prior", "none") != "none",
-        "--position_embedding learned": args.position_embedding in ("learned", "v3"),
-    }
-    for flag, given in conflicts.items():
-        if given:
-            raise ValueError(f"{flag} is not supported with {family}; drop one of them")
-    if args.two_stage and not args.with_box_refine:
-        raise ValueError("--two_stage needs --with_box_refine (the published two-stage recipe uses both)")
-    if args.hidden_dim % 32:
-        raise ValueError(f"--hidden_dim {args.hidden_dim}: {family} needs a multiple of 32 (GroupNorm(32) projections)")
-
-
-def build(args: argparse.Namespace):
-    """Deformable DETR, its focal-loss SetCriterion and the top-100 'bbox' postprocessor."""
-    from .detr import _criterion_device, num_classes_from_args
-    from .focal_criterion import build_deformable_criterion
-    from .postprocess import PostProcessTopK
-
-    check_deformable_args(args)
-    if args.num_feature_levels == 2:
-        raise ValueError("--num_feature_levels 2: Deformable DETR uses 1 (single-scale) or >= 3 levels")
-    stages = getattr(args, "backbone_stages", 4)
-    # Published: C3-C5 (layer2-4) for multi-scale, C5 alone for single-scale; a truncated ResNet keeps what it has.
-    stage_indices = [i for i in (1, 2, 3) if i < stages] if args.num_feature_levels > 1 else [stages - 1]
-    transformer = DeformableTransformer(
-        d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
-        num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points,
-        two_stage=args.two_stage, two_stage_num_proposals=args.num_queries,
-        attention=getattr(args, "attention", "sdpa"),
-    )  # fmt: skip
-    num_classes = num_classes_from_args(args)
-    model = DeformableDETR(
-        build_multiscale_backbone(args, stage_indices), transformer, num_classes=num_classes,
-        num_queries=args.num_queries, num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
-        with_box_refine=args.with_box_refine, two_stage=args.two_stage,
-    )  # fmt: skip
-    criterion = build_deformable_criterion(args, num_classes)
-    device = _criterion_device(args.device)
-    if device is not None:
-        criterion.to(device)
-    return model, criterion, {"bbox": PostProcessTopK(num_select=100)}

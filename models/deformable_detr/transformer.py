@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .box_refinement import refine_boxes
-from .ms_deform_attn import MSDeformAttn, _shapes_as_tensor, level_sizes
-from .transformer import MultiheadAttention
+from ..attention import MultiheadAttention
+from ..box_refinement import refine_boxes
+from ..ms_deform_attn import MSDeformAttn, _shapes_as_tensor, level_sizes
+from ..multiscale import select_top_queries
 
 __all__ = [
     "DeformableTransformer",
@@ -31,6 +32,7 @@ __all__ = [
     "flatten_levels",
     "reset_deformable_parameters",
     "scale_by_valid_ratios",
+    "score_encoder_tokens",
     "valid_ratios",
 ]
 
@@ -127,6 +129,21 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tens
     invalid = padding_mask.unsqueeze(-1) | ~valid
     proposals = proposals.masked_fill(invalid, float("inf"))
     return memory.masked_fill(invalid, 0.0), proposals
+
+
+def score_encoder_tokens(
+    memory: Tensor, levels: MultiScaleInput, enc_output: nn.Linear, enc_output_norm: nn.LayerNorm,
+    class_head: nn.Module, box_head: nn.Module,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Every encoder token as a proposal, scored by the proposal heads (two-stage; DINO's query selection).
+
+    Returns:
+        (output memory [B, S, D] after ``enc_output`` and its norm, proposals [B, S, 4] in logit space (+inf where
+        invalid), class logits [B, S, K], box logits [B, S, 4] = box head + proposal).
+    """
+    output_memory, proposals = encoder_proposals(memory, levels.padding_mask, levels.spatial_shapes)
+    output_memory = enc_output_norm(enc_output(output_memory))
+    return output_memory, proposals, class_head(output_memory), box_head(output_memory) + proposals
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -350,14 +367,15 @@ class DeformableTransformer(nn.Module):
         batch, _, dim = memory.shape
         enc_class = enc_coord_unact = None
         if self.two_stage:
-            output_memory, proposals = encoder_proposals(memory, levels.padding_mask, levels.spatial_shapes)
-            output_memory = self.enc_output_norm(self.enc_output(output_memory))
             proposal_head = self.decoder.num_layers  # heads 0..L-1 score the decoder layers, head L the proposals
-            enc_class = self.decoder.class_embed[proposal_head](output_memory)
-            enc_coord_unact = self.decoder.bbox_embed[proposal_head](output_memory) + proposals
-            topk = torch.topk(enc_class[..., 0], self.two_stage_num_proposals, dim=1)[1]
-            # Published: the selected boxes are detached, so the decoder loss does not reach the proposal head.
-            topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
+            _, _, enc_class, enc_coord_unact = score_encoder_tokens(
+                memory, levels, self.enc_output, self.enc_output_norm, self.decoder.class_embed[proposal_head],
+                self.decoder.bbox_embed[proposal_head],
+            )  # fmt: skip
+            # Ranked by the first class logit; the selected boxes are detached, so the decoder loss does not reach
+            # the proposal head (both published).
+            topk_coords_unact = select_top_queries(enc_class[..., 0], self.two_stage_num_proposals, enc_coord_unact)[0]
+            topk_coords_unact = topk_coords_unact.detach()
             reference_points = topk_coords_unact.sigmoid()
             embedding = box_sine_embedding(reference_points, num_feats=dim // 2)  # 128 for the published 256
             pos_trans = self.pos_trans_norm(self.pos_trans(embedding.to(memory.dtype)))

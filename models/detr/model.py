@@ -1,44 +1,17 @@
-"""The DETR detector (paper section 3.2) and ``build(args) -> (model, criterion, postprocessors)``.
-
-``SetCriterion`` and ``PostProcess`` live in their own modules and are re-exported here under the published
-import path ``models.detr``.
-"""
+"""The DETR detector (paper section 3.2)."""
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
-from .backbone import build_backbone
-from .criterion import SetCriterion
-from .matcher import build_matcher
-from .postprocess import PostProcess
+from ..heads import MLP, aux_outputs
 from .spatial_prior import SPATIAL_PRIORS, anchor_boxes
-from .transformer import BoxHead, Transformer, build_transformer
+from .transformer import BoxHead, Transformer
 
-__all__ = ["DETR", "MLP", "PostProcess", "SetCriterion", "as_nested_tensor", "build", "num_classes_from_args"]
-
-
-class MLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU between them (the box head; parameters ``layers.i``)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
-        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.num_layers = num_layers
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims_in, dims_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[..., input_dim] -> [..., output_dim]."""
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == self.num_layers - 1 else F.relu(layer(x))
-        return x
+__all__ = ["DETR", "as_nested_tensor"]
 
 
 def as_nested_tensor(samples: NestedTensor | list[Tensor] | Tensor) -> NestedTensor:
@@ -56,7 +29,7 @@ class DETR(nn.Module):
 
     Args:
         backbone: ``models.backbone.Joiner`` (features and position encodings).
-        transformer: ``models.transformer.Transformer``.
+        transformer: ``models.detr.transformer.Transformer``.
         num_classes: K; the class head has K + 1 outputs, the last meaning "no object".
         num_queries: object queries, the most objects one image can yield.
         aux_loss: also return the predictions of every intermediate decoder layer.
@@ -172,66 +145,4 @@ class DETR(nn.Module):
 
     def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor) -> list[dict[str, Tensor]]:
         """[L, B, Q, K+1], [L, B, Q, 4] -> the L - 1 intermediate layers as output dicts."""
-        return [{"pred_logits": c, "pred_boxes": b} for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
-
-
-def num_classes_from_args(args: argparse.Namespace) -> int:
-    """args.num_classes when given, else the published defaults: 250 for coco_panoptic, 91 otherwise."""
-    if getattr(args, "num_classes", None) is not None:
-        return args.num_classes
-    return 250 if args.dataset_file == "coco_panoptic" else 91
-
-
-def _criterion_device(name: str) -> torch.device | None:
-    """The device to put the criterion on, or None when it is not available here (stays on CPU)."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return None
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        return None
-    return device
-
-
-def build(args: argparse.Namespace) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
-    """Model, criterion and postprocessors ('bbox'; plus 'segm' and, for coco_panoptic, 'panoptic' with --masks)."""
-    num_classes = num_classes_from_args(args)
-    if args.frozen_weights is not None and not args.masks:
-        raise ValueError("--frozen_weights is for training the mask head only: add --masks")
-    model: nn.Module = DETR(
-        build_backbone(args),
-        build_transformer(args),
-        num_classes=num_classes,
-        num_queries=args.num_queries,
-        aux_loss=args.aux_loss,
-        spatial_prior=getattr(args, "spatial_prior", "none"),
-        box_refine=getattr(args, "box_refine", False),
-    )
-    if args.masks:
-        from .segmentation import DETRsegm  # lazy: only the mask variant needs it
-
-        model = DETRsegm(model, freeze_detr=args.frozen_weights is not None)
-
-    weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-    if args.masks:
-        weight_dict["loss_mask"] = args.mask_loss_coef
-        weight_dict["loss_dice"] = args.dice_loss_coef
-    if args.aux_loss:
-        weight_dict.update({f"{k}_{i}": v for i in range(args.dec_layers - 1) for k, v in list(weight_dict.items())})
-    losses = ["labels", "boxes", "cardinality"] + (["masks"] if args.masks else [])
-    criterion = SetCriterion(
-        num_classes, matcher=build_matcher(args), weight_dict=weight_dict, eos_coef=args.eos_coef, losses=losses
-    )
-    device = _criterion_device(args.device)
-    if device is not None:
-        criterion.to(device)
-
-    postprocessors: dict[str, nn.Module] = {"bbox": PostProcess()}
-    if args.masks:
-        from .segmentation import PostProcessPanoptic, PostProcessSegm
-
-        postprocessors["segm"] = PostProcessSegm()
-        if args.dataset_file == "coco_panoptic":
-            # Published rule: category ids up to 90 are things, the rest stuff.
-            is_thing_map = {i: i <= 90 for i in range(201)}
-            postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=0.85)
-    return model, criterion, postprocessors
+        return aux_outputs(outputs_class, outputs_coord)

@@ -2,7 +2,7 @@
 
 State-dict names equal the published panoptic checkpoints': the detector under ``detr.``, then
 ``bbox_attention.{q_linear,k_linear}`` and ``mask_head.{lay1..lay5, gn1..gn5, adapter1..3, out_lay}``.
-The post-processors (``models/segmentation_postprocess.py``) and the mask losses (``models/criterion.py``) are
+The post-processors (``segmentation_postprocess.py``) and the mask losses (``models/criterion.py``) are
 re-exported here under their published names.
 """
 
@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from util.misc import NestedTensor
 
 # The mask losses are computed by SetCriterion; they are importable here under their published path.
-from .criterion import dice_loss, sigmoid_focal_loss
-from .detr import as_nested_tensor
+from ..criterion import dice_loss, sigmoid_focal_loss
+from .model import as_nested_tensor
 from .segmentation_postprocess import PostProcessPanoptic, PostProcessSegm
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Post-processing of DETRsegm outputs: binary instance masks (COCO segm) and panoptic PNGs (COCO panoptic format).
 
-Import these from ``models.segmentation`` (the published location).
+Import these from ``models.detr.segmentation`` (beside the mask head, as published).
 """
 
 from __future__ import annotations

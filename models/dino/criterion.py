@@ -8,19 +8,26 @@ group g reconstructs target j; negative slots and padding are background.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .focal_criterion import FocalSetCriterion
-from .matcher import DINO_GIOU_EPS, build_matcher
+from ..criterion import expand_weight_dict
+from ..focal_criterion import FocalSetCriterion
+from ..matcher import build_matcher
 
-__all__ = ["DINOCriterion", "build_dino_criterion", "build_dino_weight_dict", "dn_positive_indices"]
+if TYPE_CHECKING:
+    from .settings import DINOSettings
+
+__all__ = ["DINO_GIOU_EPS", "DINOCriterion", "build_dino_criterion", "build_dino_weight_dict", "dn_positive_indices"]
 
 Indices = list[tuple[Tensor, Tensor]]
+
+# DINO's box_ops add 1e-6 to the IoU and GIoU denominators, in the matcher and the loss (DESIGN_DINO "Matcher").
+DINO_GIOU_EPS = 1e-6
 
 # Loss entries of each loss type on a non-main output (no class_error), for the zero dn entries.
 _UNLOGGED_NAMES = {
@@ -103,40 +110,33 @@ class DINOCriterion(FocalSetCriterion):
         return losses
 
 
-def build_dino_weight_dict(args: argparse.Namespace) -> dict[str, float]:
+def build_dino_weight_dict(settings: DINOSettings) -> dict[str, float]:
     """Published DINO loss weights (39 entries for 6 decoder layers).
 
-    Reads ``cls_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``, ``aux_loss``, ``dec_layers``, and (getattr,
-    published defaults) ``use_dn`` (True), ``two_stage_type`` ("standard"), ``interm_loss_coef`` (1.0) and
-    ``no_interm_box_loss`` (False). dn weights equal the main ones; aux copies ``_i`` include the dn weights;
-    ``_interm`` weights are the main ones x interm_loss_coef (box terms x 0 with no_interm_box_loss).
+    dn weights (``_dn``) equal the main ones; aux copies ``_i`` include the dn weights; ``_interm`` weights are the
+    main ones x interm_loss_coef (box terms x 0 with no_interm_box_loss).
     """
-    main = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-    weight_dict = dict(main)
-    if getattr(args, "use_dn", True):
-        weight_dict.update({f"{k}_dn": v for k, v in main.items()})
-    if args.aux_loss:
-        per_layer = dict(weight_dict)
-        for i in range(args.dec_layers - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in per_layer.items()})
-    if getattr(args, "two_stage_type", "standard") != "no":
-        coef = getattr(args, "interm_loss_coef", 1.0)
-        box_coef = 0.0 if getattr(args, "no_interm_box_loss", False) else 1.0
-        factors = {"loss_ce": 1.0, "loss_bbox": box_coef, "loss_giou": box_coef}
-        weight_dict.update({f"{k}_interm": v * coef * factors[k] for k, v in main.items()})
+    main = {"loss_ce": settings.cls_loss_coef, "loss_bbox": settings.bbox_loss_coef,
+            "loss_giou": settings.giou_loss_coef}  # fmt: skip
+    weight_dict = expand_weight_dict(main, ["_dn"])
+    if settings.aux_loss:
+        weight_dict = expand_weight_dict(weight_dict, [f"_{i}" for i in range(settings.dec_layers - 1)])
+    box_coef = 0.0 if settings.no_interm_box_loss else 1.0
+    factors = {"loss_ce": 1.0, "loss_bbox": box_coef, "loss_giou": box_coef}
+    weight_dict.update({f"{k}_interm": v * settings.interm_loss_coef * factors[k] for k, v in main.items()})
     return weight_dict
 
 
-def build_dino_criterion(args: argparse.Namespace, num_classes: int) -> DINOCriterion:
+def build_dino_criterion(settings: DINOSettings, num_classes: int) -> DINOCriterion:
     """DINOCriterion of the published recipe (losses labels, boxes, cardinality; no masks).
 
-    Reads the fields of ``build_matcher`` and ``build_dino_weight_dict``, plus ``focal_alpha``. The caller moves
-    it to the device.
+    The matcher's focal alpha follows --focal_alpha, as the loss's does (published DINO; Deformable DETR's matcher
+    keeps 0.25). The caller moves it to the device.
     """
     return DINOCriterion(
         num_classes,
-        matcher=build_matcher(args),
-        weight_dict=build_dino_weight_dict(args),
+        matcher=build_matcher(settings, class_cost="focal", focal_alpha=settings.focal_alpha, giou_eps=DINO_GIOU_EPS),
+        weight_dict=build_dino_weight_dict(settings),
         losses=["labels", "boxes", "cardinality"],
-        focal_alpha=args.focal_alpha,
+        focal_alpha=settings.focal_alpha,
     )

@@ -1,5 +1,5 @@
 """DINO (Zhang et al., ICLR 2023): Deformable DETR plus contrastive denoising (models/denoising.py), mixed query
-selection and look-forward-twice box refinement, and ``build(args) -> (model, criterion, postprocessors)``.
+selection and look-forward-twice box refinement.
 
 Everything else is Deformable DETR's (backbone levels, input projections, deformable encoder, decoder layer,
 encoder proposals, heads). Published layout: ONE class head and ONE box head are shared by every decoder layer and
@@ -9,7 +9,6 @@ registered under four names each (``class_embed.i``, ``transformer.decoder.class
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -17,30 +16,22 @@ from torch import Tensor, nn
 
 from util.misc import NestedTensor
 
-from .box_refinement import DINO_EPS, refine_boxes
-from .deformable_detr import (
-    build_input_proj,
-    build_multiscale_backbone,
-    check_deformable_args,
-    init_detection_heads,
-    project_levels,
-)
-from .deformable_transformer import (
+from ..box_refinement import DINO_EPS, refine_boxes
+from ..deformable_detr.transformer import (
     DeformableTransformerDecoderLayer,
     MultiScaleInput,
     box_sine_embedding,
     build_encoder_and_decoder_layer,
-    encoder_proposals,
     flatten_levels,
     reset_deformable_parameters,
     scale_by_valid_ratios,
+    score_encoder_tokens,
 )
-from .denoising import dn_post_process, prepare_for_cdn
-from .detr import MLP
-from .dino_criterion import DINOCriterion as SetCriterion  # published names
-from .postprocess import PostProcessTopK as PostProcess
+from ..denoising import dn_post_process, prepare_for_cdn
+from ..heads import MLP, aux_outputs, build_detection_heads
+from ..multiscale import build_input_proj, project_levels, select_top_queries
 
-__all__ = ["PostProcess", "SetCriterion", "DINO", "DINODecoder", "DINOTransformer", "build"]
+__all__ = ["DINO", "DINODecoder", "DINOTransformer"]
 
 
 class DINODecoder(nn.Module):
@@ -138,21 +129,16 @@ class DINOTransformer(nn.Module):
         levels = flatten_levels(srcs, masks, pos_embeds, self.level_embed)
         memory = self.encoder(levels)
         batch = memory.shape[0]
-        output_memory, proposals = encoder_proposals(memory, levels.padding_mask, levels.spatial_shapes)
-        output_memory = self.enc_output_norm(self.enc_output(output_memory))
-        enc_class = self.enc_out_class_embed(output_memory)
-        enc_coord_unact = self.enc_out_bbox_embed(output_memory) + proposals
+        output_memory, proposals, enc_class, enc_coord_unact = score_encoder_tokens(
+            memory, levels, self.enc_output, self.enc_output_norm, self.enc_out_class_embed, self.enc_out_bbox_embed
+        )
         # Mixed query selection: the top-Q tokens by their best class logit give the positions (raises if S < Q).
-        topk = torch.topk(enc_class.max(-1)[0], self.num_queries, dim=1)[1]
-
-        def gather(x: Tensor) -> Tensor:
-            return torch.gather(x, 1, topk.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-        coord_unact = gather(enc_coord_unact)
-        selected_memory = gather(output_memory)
+        coord_unact, selected_memory, selected_proposals = select_top_queries(
+            enc_class.max(-1)[0], self.num_queries, enc_coord_unact, output_memory, proposals
+        )
         interm_logits = self.enc_out_class_embed(selected_memory)
         interm = {"pred_logits": interm_logits, "pred_boxes": coord_unact.sigmoid()}
-        interm_pre = {"pred_logits": interm_logits, "pred_boxes": gather(proposals).sigmoid()}
+        interm_pre = {"pred_logits": interm_logits, "pred_boxes": selected_proposals.sigmoid()}
         reference_unact = coord_unact.detach()
         tgt = self.tgt_embed.weight.unsqueeze(0).expand(batch, -1, -1)  # content: learned, not the encoder's
         if dn_boxes_unact is not None:
@@ -194,9 +180,7 @@ class DINO(nn.Module):
         self.label_enc = nn.Embedding(dn_labelbook_size + 1, hidden_dim)
         self.input_proj = build_input_proj(backbone[0].stage_channels, hidden_dim, num_feature_levels)
         self.backbone = backbone
-        class_embed = nn.Linear(hidden_dim, num_classes)
-        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        init_detection_heads(class_embed, bbox_embed)
+        class_embed, bbox_embed = build_detection_heads(hidden_dim, num_classes)
         layers = transformer.decoder.num_layers
         self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(layers))
         self.class_embed = nn.ModuleList(class_embed for _ in range(layers))
@@ -232,54 +216,11 @@ class DINO(nn.Module):
         boxes = torch.stack(
             [refine_boxes(head(h), ref, DINO_EPS) for head, h, ref in zip(self.bbox_embed, hs, references[:-1])]
         )
-        logits, boxes = dn_post_process(logits, boxes, dn_meta, self.aux_loss, _aux_outputs)
+        logits, boxes = dn_post_process(logits, boxes, dn_meta, self.aux_loss, aux_outputs)
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
-            out["aux_outputs"] = _aux_outputs(logits, boxes)
+            out["aux_outputs"] = aux_outputs(logits, boxes)
         out["interm_outputs"] = interm
         out["interm_outputs_for_matching_pre"] = interm_pre
         out["dn_meta"] = dn_meta
         return out
-
-
-def _aux_outputs(logits: Tensor, boxes: Tensor) -> list[dict[str, Tensor]]:
-    """[L, B, N, K], [L, B, N, 4] -> the L - 1 earlier layers as output dicts."""
-    return [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]
-
-
-def build(args: argparse.Namespace):
-    """DINO, its criterion and the top-``num_select`` 'bbox' postprocessor."""
-    from .detr import _criterion_device, num_classes_from_args
-    from .dino_criterion import build_dino_criterion
-    from .postprocess import PostProcessTopK
-
-    check_deformable_args(args)
-    if args.lr_backbone <= 0:
-        raise ValueError("--model dino needs --lr_backbone > 0 (published: the backbone always trains)")
-    stage_indices = sorted(args.return_interm_indices)
-    if args.num_feature_levels < len(stage_indices):
-        raise ValueError(
-            f"--num_feature_levels {args.num_feature_levels} is fewer than the {len(stage_indices)} stages of "
-            f"--return_interm_indices {stage_indices}"
-        )
-    num_classes = num_classes_from_args(args)
-    transformer = DINOTransformer(
-        d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward, dropout=args.dropout,
-        num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points, enc_n_points=args.enc_n_points,
-        num_queries=args.num_queries, attention=getattr(args, "attention", "sdpa"),
-    )  # fmt: skip
-    labelbook = num_classes if args.dn_labelbook_size is None else args.dn_labelbook_size
-    if labelbook < num_classes:
-        raise ValueError(f"--dn_labelbook_size {labelbook} is smaller than num_classes {num_classes}")
-    model = DINO(
-        build_multiscale_backbone(args, stage_indices), transformer, num_classes=num_classes,
-        num_queries=args.num_queries, num_feature_levels=args.num_feature_levels, aux_loss=args.aux_loss,
-        dn_number=args.dn_number, dn_label_noise_ratio=args.dn_label_noise_ratio,
-        dn_box_noise_scale=args.dn_box_noise_scale, dn_labelbook_size=labelbook,
-    )  # fmt: skip
-    criterion = build_dino_criterion(args, num_classes)
-    device = _criterion_device(args.device)
-    if device is not None:
-        criterion.to(device)
-    return model, criterion, {"bbox": PostProcessTopK(num_select=args.num_select)}
