@@ -190,6 +190,24 @@ def test_init_rule_and_state_dict_keys():
         assert 0.5 * bound < linear.weight.abs().max() <= bound
 
 
+def test_sampling_offsets_bias_is_the_published_float32_computation():
+    """Bit for bit the published float32 steps (DESIGN_DEFORMABLE.md), which differ from a float64 computation."""
+    heads, levels, points = 8, 4, 4
+    module = MSDeformAttn(d_model=32, n_levels=levels, n_heads=heads, n_points=points)
+    thetas = torch.arange(heads, dtype=torch.float32) * (2.0 * math.pi / heads)
+    grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+    grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(heads, 1, 1, 2).repeat(1, levels, points, 1)
+    for i in range(points):
+        grid[:, :, i, :] *= i + 1
+    assert module.sampling_offsets.bias.dtype == torch.float32
+    assert torch.equal(module.sampling_offsets.bias, grid.view(-1))
+    thetas64 = torch.arange(heads, dtype=torch.float64) * (2.0 * math.pi / heads)
+    grid64 = torch.stack([thetas64.cos(), thetas64.sin()], -1)
+    grid64 = (grid64 / grid64.abs().max(-1, keepdim=True)[0]).view(heads, 1, 1, 2).repeat(1, levels, points, 1)
+    grid64 = grid64 * torch.arange(1, points + 1, dtype=torch.float64).view(1, 1, -1, 1)
+    assert not torch.equal(grid64.float().view(-1), grid.view(-1))  # the check can tell the two apart
+
+
 def test_value_errors():
     with pytest.raises(ValueError, match="divisible"):
         MSDeformAttn(d_model=30, n_heads=8)
