@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.detr.spatial_prior import anchor_boxes, gaussian_attention_bias, token_centers
 from models.attention import MultiheadAttention
+from models.detr.spatial_prior import anchor_boxes, gaussian_attention_bias, token_centers
 from util.misc import nested_tensor_from_tensor_list
 
 
