@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from conftest import parse_tiny_args
 
 import models
 from models.family import Family
@@ -27,11 +26,11 @@ def test_table_rows():
     assert [f.title for f in models.FAMILIES.values()] == ["DETR", "Deformable DETR", "DINO"]
 
 
-def test_settings_fields_are_parser_destinations_and_frozen():
-    destinations = set(vars(parse_tiny_args()))
+def test_settings_fields_are_parser_destinations_and_frozen(tiny_args):
+    destinations = set(vars(tiny_args()))
     for family in models.FAMILIES.values():
         assert family.flags <= destinations, sorted(family.flags - destinations)
-        settings = family.make_settings(vars(parse_tiny_args(*FAMILY_RUN_FLAGS[family.name])))
+        settings = family.make_settings(vars(tiny_args(*FAMILY_RUN_FLAGS[family.name])))
         with pytest.raises(dataclasses.FrozenInstanceError):
             settings.hidden_dim = 64
     # Each family reads its own flags only.
@@ -40,14 +39,14 @@ def test_settings_fields_are_parser_destinations_and_frozen():
     assert "eos_coef" not in models.FAMILIES["dino"].flags and "two_stage" not in models.FAMILIES["dino"].flags
 
 
-def test_make_settings_names_a_missing_flag():
-    values = vars(parse_tiny_args())
+def test_make_settings_names_a_missing_flag(tiny_args):
+    values = vars(tiny_args())
     del values["hidden_dim"]
     with pytest.raises(KeyError, match="--hidden_dim"):
         models.FAMILIES["detr"].make_settings(values)
 
 
-def test_published_defaults_of_each_family():
+def test_published_defaults_of_each_family(tiny_args):
     """Written from DESIGN_DEFORMABLE.md / DESIGN_DINO.md (the published configs)."""
     assert models.FAMILIES["detr"].defaults == {}
     deformable = models.FAMILIES["deformable_detr"].defaults
@@ -69,11 +68,11 @@ def test_published_defaults_of_each_family():
     )
     assert dino["set_cost_class"] == 2.0 and dino["position_embedding_scale"] == 2 * math.pi
     for family in models.FAMILIES.values():
-        assert set(family.defaults) <= set(vars(parse_tiny_args()))
+        assert set(family.defaults) <= set(vars(tiny_args()))
 
 
-def test_hub_recipes_are_flag_values_of_the_published_entries():
-    destinations = set(vars(parse_tiny_args()))
+def test_hub_recipes_are_flag_values_of_the_published_entries(tiny_args):
+    destinations = set(vars(tiny_args()))
     names = [name for family in models.FAMILIES.values() for name in family.hub_recipes]
     assert len(names) == 7 + 5 + 2 and len(set(names)) == len(names)
     for family in models.FAMILIES.values():
@@ -89,8 +88,8 @@ def test_hub_recipes_are_flag_values_of_the_published_entries():
     assert models.FAMILIES["dino"].hub_recipes["dino_resnet50_5scale"]["return_interm_indices"] == [0, 1, 2, 3]
 
 
-def test_unknown_model_is_refused():
-    args = parse_tiny_args()
+def test_unknown_model_is_refused(tiny_args):
+    args = tiny_args()
     args.model = "yolo"
     with pytest.raises(ValueError, match="--model yolo"):
         models.build_model(args)
@@ -106,8 +105,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(("name", "flags"), CASES)
-def test_state_dict_family_and_architecture_read_back(name, flags):
-    args = parse_tiny_args("--num_classes", "7", "--enc_layers", "2", "--dec_layers", "3", *flags)
+def test_state_dict_family_and_architecture_read_back(name, flags, tiny_args):
+    args = tiny_args("--num_classes", "7", "--enc_layers", "2", "--dec_layers", "3", *flags)
     state = models.build_model(args)[0].state_dict()
     assert models.family_of_state_dict(state) == name
     arch = models.FAMILIES[name].architecture(state)
@@ -125,7 +124,7 @@ def test_state_dict_family_and_architecture_read_back(name, flags):
     if name == "dino":
         assert (arch["num_queries"], arch["dn_labelbook_size"]) == (10, 7)
     # The architecture alone rebuilds a model the weights load into strictly.
-    rebuilt_flags = {**vars(parse_tiny_args(*flags)), **{k: v for k, v in arch.items() if v is not None}}
+    rebuilt_flags = {**vars(tiny_args(*flags)), **{k: v for k, v in arch.items() if v is not None}}
     rebuilt = models.build_model(type(args)(**rebuilt_flags))[0]
     rebuilt.load_state_dict(state, strict=True)
 
