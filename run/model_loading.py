@@ -1,0 +1,81 @@
+"""A model rebuilt from a checkpoint alone: its family, its flags, the shapes of its weights.
+
+Used by predict.py, tools/, hubconf.py and ``--resume`` without ``--model``. Checkpoints of this project store
+every flag (``model`` included); published files store an argparse.Namespace without ``model`` (DETR, Deformable
+DETR) or with DINO's ``modelname``, and a few of their stored sizes disagree with their weights: the weights'
+shapes win (``Family.architecture``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from cli.arguments import get_args_parser
+from models import FAMILIES, build_model, family_of_state_dict
+from run.checkpoint import checkpoint_args_to_namespace, load_checkpoint
+
+__all__ = ["checkpoint_family", "infer_architecture", "load_model", "model_args_from_checkpoint"]
+
+# Flags that only make sense for the run that wrote the checkpoint: a rebuilt model never re-reads them.
+_RUN_ONLY = {"backbone_weights": "none", "frozen_weights": None, "resume": "", "finetune": None}
+
+
+def checkpoint_family(checkpoint: Mapping[str, Any]) -> str:
+    """The ``--model`` of a checkpoint: its stored args, else what its state-dict keys imply."""
+    stored = checkpoint.get("args")
+    stored = vars(stored) if isinstance(stored, argparse.Namespace) else (stored or {})
+    for key in ("model", "modelname"):  # modelname: the published DINO code's flag
+        if stored.get(key) in FAMILIES:
+            return stored[key]
+    state = checkpoint.get("model")
+    return family_of_state_dict(state if isinstance(state, Mapping) else {})
+
+
+def infer_architecture(state: Mapping[str, Tensor], family: str | None = None) -> dict[str, Any]:
+    """Flag values a state dict implies (None where its keys do not say); ``family`` None: told by the keys."""
+    return FAMILIES[family or family_of_state_dict(state)].architecture(state)
+
+
+def model_args_from_checkpoint(checkpoint: Mapping[str, Any], device: str = "cpu") -> argparse.Namespace:
+    """Flags that rebuild the checkpoint's model: family defaults < stored 'args' < state-dict shapes.
+
+    The backbone is built without downloading ImageNet weights (the checkpoint holds them).
+    """
+    if "model" not in checkpoint or not isinstance(checkpoint["model"], Mapping):
+        raise ValueError("checkpoint has no 'model' state dict")
+    family = checkpoint_family(checkpoint)
+    values = vars(get_args_parser().parse_args(["--model", family]))
+    stored = checkpoint_args_to_namespace(checkpoint.get("args"))
+    if stored is not None:
+        values.update(vars(stored))
+    values["model"] = family  # published files store no --model
+    values.update({k: v for k, v in infer_architecture(checkpoint["model"], family).items() if v is not None})
+    values.update(_RUN_ONLY, device=device)
+    return argparse.Namespace(**values)
+
+
+def load_model(
+    checkpoint_path: str, device: str = "cpu", checkpoint: Mapping | None = None
+) -> tuple[nn.Module, dict[str, nn.Module], argparse.Namespace, Mapping]:
+    """Build the checkpoint's model in eval mode on ``device`` and load its weights (strict).
+
+    Returns:
+        (model, postprocessors, the flags it was built from, the checkpoint dict).
+
+    Raises:
+        ValueError: the weights do not fit the rebuilt model (one line naming the file).
+    """
+    if checkpoint is None:
+        checkpoint = load_checkpoint(checkpoint_path, hint="check the --checkpoint path")
+    args = model_args_from_checkpoint(checkpoint, device=device)
+    model, _, postprocessors = build_model(args)
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0:3]
+        raise ValueError(f"{checkpoint_path}: weights do not fit the rebuilt model ({' '.join(first)})") from None
+    return model.to(device).eval(), postprocessors, args, checkpoint
