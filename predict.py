@@ -29,10 +29,17 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from util.checkpoint import CheckpointError, checkpoint_args_to_namespace, load_checkpoint
-from util.class_names import class_name, resolve_class_names
+from util.class_names import category_ids, class_name, resolve_class_names
 from util.family import checkpoint_family
 from util.misc import nested_tensor_from_tensor_list
 
+THRESHOLD_HELP = (
+    "keep detections with a score above this, in [0, 1) (default 0.7). DETR: one detection per query, the softmax "
+    "probability of its best class (the 'no object' class takes the rest). Deformable DETR / DINO: the top "
+    "--num_select (query, class) pairs by sigmoid probability (no 'no object' class; one query may give several "
+    "classes), so a low threshold lists many weak pairs. Only the checkpoint's categories (its stored class names "
+    "or --categories) are ever reported; a checkpoint without them reports every class id"
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -234,15 +241,49 @@ def open_rgb(path: Path) -> Image.Image:
 # ---------------------------------------------------------------------------------------- prediction
 
 
+def restrict_to_classes(
+    outputs: Mapping[str, Tensor], detections: list[dict[str, Tensor]] | None, class_ids: Sequence[int]
+) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    """Keep only the classes ``class_ids`` (the dataset's categories).
+
+    With ``detections`` None: a copy of ``outputs`` whose sigmoid logits [B, Q, K] (Deformable DETR, DINO) are
+    -inf outside ``class_ids``, so the top-k (query, class) selection only spends its slots on categories.
+    With ``detections`` (per image 'scores', 'labels', 'boxes'): those whose label is in ``class_ids``.
+    """
+    if detections is None:
+        logits = outputs["pred_logits"]
+        blocked = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        blocked[list(class_ids)] = False
+        return {**outputs, "pred_logits": logits.masked_fill(blocked, float("-inf"))}
+    allowed = torch.tensor(sorted(class_ids))
+    return [{k: v[torch.isin(d["labels"], allowed)] for k, v in d.items()} for d in detections]
+
+
 @torch.no_grad()
 def predict_batch(
-    model: nn.Module, postprocessor: nn.Module, images: Sequence[Image.Image], device: str, input_scale: float = 1.0
+    model: nn.Module,
+    postprocessor: nn.Module,
+    images: Sequence[Image.Image],
+    device: str,
+    input_scale: float = 1.0,
+    class_ids: Sequence[int] | None = None,
 ) -> list[dict[str, Tensor]]:
-    """Detections for PIL images: per image 'scores' [Q], 'labels' [Q], 'boxes' [Q, 4] x0y0x1y1 in original pixels."""
+    """Detections for PIL images: per image 'scores' [N], 'labels' [N], 'boxes' [N, 4] x0y0x1y1 in original pixels.
+
+    ``class_ids``: the categories of the model's dataset (``util.class_names.category_ids``); other class ids are
+    never returned. None keeps every id (published checkpoints name no categories).
+    """
+    from models.postprocess import PostProcessTopK
+
     tensors = [eval_transform(image, input_scale).to(device) for image in images]
     outputs = model(nested_tensor_from_tensor_list(tensors))
+    if class_ids is not None and isinstance(postprocessor, PostProcessTopK):
+        outputs = restrict_to_classes(outputs, None, class_ids)
     sizes = torch.tensor([[image.height, image.width] for image in images], device=device)
-    return [{k: v.cpu() for k, v in r.items()} for r in postprocessor(outputs, sizes)]
+    detections = [{k: v.cpu() for k, v in r.items()} for r in postprocessor(outputs, sizes)]
+    # DETR's softmax is over all K + 1 logits, so its non-category ids are dropped after the fact, not masked;
+    # the top-k may also pick masked (score 0) pairs when there are fewer category pairs than slots.
+    return detections if class_ids is None else restrict_to_classes(outputs, detections, class_ids)
 
 
 def to_coco_results(image_id: int, file_name: str, detections: Mapping[str, Tensor], names: Mapping) -> list[dict]:
@@ -314,10 +355,14 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    """Predict on every input image; write predictions.json (and PNGs) into args.output_dir; return the results."""
+    """Predict on every input image; write predictions.json (and PNGs) into args.output_dir; return the results.
+
+    predictions.json is written before any attention map is drawn, so a failing drawing never loses it.
+    """
     images = find_images(args.inputs)
     model, postprocessors, model_args, checkpoint = load_model(args.checkpoint, device=args.device)
     names = resolve_class_names(checkpoint, model_args.num_classes, args.categories)
+    class_ids = category_ids(checkpoint, model_args.num_classes, args.categories)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(images)
@@ -326,7 +371,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     for start in range(0, len(images), args.batch_size):
         paths = images[start : start + args.batch_size]
         pil_images = [open_rgb(p) for p in paths]
-        batch = predict_batch(model, postprocessors["bbox"], pil_images, args.device, model_args.input_scale)
+        batch = predict_batch(
+            model, postprocessors["bbox"], pil_images, args.device, model_args.input_scale, class_ids=class_ids
+        )
         for offset, (path, image, detections) in enumerate(zip(paths, pil_images, batch)):
             keep = detections["scores"] > args.threshold
             kept = {k: v[keep] for k, v in detections.items()}
@@ -335,24 +382,39 @@ def run(args: argparse.Namespace) -> list[dict]:
             if not args.no_images:
                 drawn = draw_detections(image, kept, names)
                 TF.to_pil_image(drawn).save(output_dir / f"{stems[image_id]}.png")
-            if args.attention_maps:
-                from tools.attention_maps import save_attention_maps
-
-                save_attention_maps(
-                    model,
-                    image,
-                    output_dir / f"{stems[image_id]}_attention.png",
-                    threshold=args.threshold,
-                    input_scale=model_args.input_scale,
-                    names=names,
-                    points=args.encoder_points,
-                )
         progress.update(len(paths))
     progress.close()
     json_path = output_dir / "predictions.json"
     json_path.write_text(json.dumps(results, indent=1))
     print(f"{len(results)} detections above {args.threshold} in {len(images)} images -> {json_path}")
+    if args.attention_maps:
+        _draw_attention(args, model, model_args, images, stems, names, class_ids, json_path)
     return results
+
+
+def _draw_attention(args, model, model_args, images, stems, names, class_ids, json_path: Path) -> None:
+    """<stem>_attention.png per image; a failure ends the run in one line that says the predictions were kept."""
+    from tools.attention_maps import save_attention_maps
+
+    output_dir = Path(args.output_dir)
+    for path, stem in zip(images, stems):
+        try:
+            save_attention_maps(
+                model,
+                open_rgb(path),
+                output_dir / f"{stem}_attention.png",
+                threshold=args.threshold,
+                input_scale=model_args.input_scale,
+                names=names,
+                points=args.encoder_points,
+                class_ids=class_ids,
+            )
+        except Exception as err:  # noqa: BLE001 - any drawing failure: the predictions are already on disk
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise SystemExit(
+                f"error: attention maps failed on {path} ({type(err).__name__}: {message}); "
+                f"the predictions were written to {json_path}"
+            ) from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -361,7 +423,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
     parser.add_argument("--output_dir", default="predictions", help="where predictions.json and the PNGs go")
-    parser.add_argument("--threshold", type=float, default=0.7, help="keep detections with a higher score")
+    parser.add_argument("--threshold", type=float, default=0.7, help=THRESHOLD_HELP)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: cuda when available)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--categories", default=None, help="JSON with category names (COCO annotation file or list)")
