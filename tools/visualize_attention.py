@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from predict import check_device, find_images, load_model, open_rgb  # noqa: E402
 from tools.attention_maps import (  # noqa: E402, F401 - the public names of this tool
     AttentionMaps,
+    SamplingPoints,
     capture_attention,
+    capture_sampling_points,
     parse_points,
     save_attention_maps,
     select_objects,
