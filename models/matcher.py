@@ -30,15 +30,15 @@ _FOCAL_GAMMA = 2.0
 DINO_GIOU_EPS = 1e-6
 
 
-def focal_class_cost(logits: Tensor) -> Tensor:
+def focal_class_cost(logits: Tensor, alpha: float = _FOCAL_ALPHA) -> Tensor:
     """Focal matching cost of every class: [..., K] logits -> [..., K] (gather it at the target classes).
 
     ``alpha (1 - p)^g (-log(p + 1e-8)) - (1 - alpha) p^g (-log(1 - p + 1e-8))`` with p = sigmoid(logits),
-    alpha 0.25 and g 2: the focal loss of labelling the query positive minus that of labelling it negative.
+    alpha 0.25 (default) and g 2: the focal loss of labelling the query positive minus that of labelling it negative.
     """
     prob = logits.sigmoid()
-    pos = _FOCAL_ALPHA * (1 - prob) ** _FOCAL_GAMMA * -(prob + 1e-8).log()
-    neg = (1 - _FOCAL_ALPHA) * prob**_FOCAL_GAMMA * -(1 - prob + 1e-8).log()
+    pos = alpha * (1 - prob) ** _FOCAL_GAMMA * -(prob + 1e-8).log()
+    neg = (1 - alpha) * prob**_FOCAL_GAMMA * -(1 - prob + 1e-8).log()
     return pos - neg
 
 
@@ -61,6 +61,7 @@ class HungarianMatcher(nn.Module):
         class_cost: "softmax" (DETR: -softmax probability; the logits end with a "no object" entry) or
             "focal" (Deformable DETR, DINO: ``focal_class_cost`` of sigmoid probabilities, no "no object" entry).
         giou_eps: None for DETR's GIoU; 1e-6 (``DINO_GIOU_EPS``) for DINO's (see ``util.box_ops``).
+        focal_alpha: alpha of the focal class cost (0.25; RT-DETRv2 takes it from --focal_alpha).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 1,
         class_cost: str = "softmax",
         giou_eps: float | None = None,
+        focal_alpha: float = _FOCAL_ALPHA,
     ):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
@@ -81,13 +83,14 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
         self.class_cost = class_cost
         self.giou_eps = giou_eps
+        self.focal_alpha = focal_alpha
 
     def _num_classes(self, num_logits: int) -> int:
         return num_logits - 1 if self.class_cost == "softmax" else num_logits
 
     def _class_cost(self, logits: Tensor) -> Tensor:
         """[..., K(+1)] float32 logits -> [..., K(+1)] cost of assigning each class."""
-        return -logits.softmax(-1) if self.class_cost == "softmax" else focal_class_cost(logits)
+        return -logits.softmax(-1) if self.class_cost == "softmax" else focal_class_cost(logits, self.focal_alpha)
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Tensor]]) -> Indices:
