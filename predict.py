@@ -1,4 +1,4 @@
-"""Run a trained DETR on images: COCO-results JSON and PNGs with the detections drawn.
+"""Run a trained DETR, Deformable DETR or DINO on images: COCO-results JSON and PNGs with the detections drawn.
 
 Examples:
     python predict.py --checkpoint outputs/checkpoint.pth images/ extra/*.jpg --output_dir predictions
@@ -419,7 +419,7 @@ def _draw_attention(args, model, model_args, images, stems, names, class_ids, js
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags of predict.py."""
-    parser = argparse.ArgumentParser("DETR prediction", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
     parser.add_argument("--output_dir", default="predictions", help="where predictions.json and the PNGs go")

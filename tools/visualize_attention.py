@@ -1,4 +1,4 @@
-"""Attention of a trained detector per detected object, one PNG per image.
+"""Attention of a trained DETR, Deformable DETR or DINO per detected object, one PNG per image.
 
 DETR: decoder cross-attention per detected object and encoder self-attention at points. Deformable DETR / DINO:
 the last decoder layer's deformable sampling points per detected object (sized by attention weight, coloured by
@@ -37,7 +37,7 @@ from util.class_names import category_ids, resolve_class_names  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags of this tool."""
-    parser = argparse.ArgumentParser("DETR attention maps")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
     parser.add_argument(
