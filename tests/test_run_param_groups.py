@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -144,17 +143,72 @@ def test_prefix_boundary_shared_and_errors():
         build_param_groups(model.requires_grad_(False), lr=1, lr_backbone=1, weight_decay=0)
     with pytest.raises(ValueError, match="learning rates"):
         build_param_groups(nn.Linear(1, 1), lr=-1, lr_backbone=1, weight_decay=0)
-    assert len(torch.optim.AdamW(build_param_groups(nn.Linear(1, 1), lr=1, lr_backbone=0, weight_decay=0)).param_groups)
+    # lr_backbone 0 is allowed (a frozen backbone has no parameters in the groups)
+    assert len(build_param_groups(nn.Linear(1, 1), lr=1, lr_backbone=0, weight_decay=0)) == 1
 
 
-def _rtdetrv2_r50():
-    if not (Path(__file__).resolve().parents[1] / "models" / "rtdetrv2").is_dir():
-        pytest.skip("models/rtdetrv2 not built yet")
-    pytest.skip("wire the r50 build here once models/rtdetrv2 exposes a builder")
+# The published regexes of each recipe (DESIGN_RTDETR "Training"), first match wins; rest: (lr, wd).
+_PUBLISHED = {
+    "r50vd": [
+        (r"^(?=.*backbone)(?!.*norm).*$", "lr_backbone", "wd"),
+        (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", "lr", 0.0),
+    ],
+    "r101vd": [
+        (r"^(?=.*backbone)(?!.*norm|bn).*$", "lr_backbone", "wd"),
+        (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", "lr", 0.0),
+    ],
+    "r34vd": [
+        (r"^(?=.*backbone)(?!.*norm|bn).*$", "lr_backbone", "wd"),
+        (r"^(?=.*backbone)(?=.*norm|bn).*$", "lr_backbone", 0.0),
+        (r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", "lr", 0.0),
+    ],
+    "r18vd": [(r"^(?=.*(?:norm|bn)).*$", "lr", 0.0)],
+}
+
+
+def _recipe_model(name: str):
+    build = pytest.importorskip("models.rtdetrv2.build")
+    config = pytest.importorskip("models.rtdetrv2.config")
+    cfg = config.recipe(name)
+    with torch.device("meta"):  # structure only: no memory, no init cost
+        return cfg, build.build_model(cfg, 80)
+
+
+def _recipe_groups(cfg, model):
+    return build_param_groups(
+        model,
+        lr=cfg.lr,
+        lr_backbone=cfg.lr_backbone,
+        weight_decay=cfg.weight_decay,
+        norm_weight_decay=cfg.norm_weight_decay,
+        bias_weight_decay=cfg.bias_weight_decay,
+    )
 
 
 def test_published_r50_group_counts():
-    """Contract: groups (r50) are 52 / 126 / 209 tensors."""
-    model = _rtdetrv2_r50()
-    groups = build_param_groups(model, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, norm_weight_decay=0.0)
-    assert [len(g["params"]) for g in groups] == [52, 126, 209]
+    """Contract: groups (r50) are 52 / 126 / 209 tensors, 42,862,860 trainable elements."""
+    cfg, model = _recipe_model("r50vd")
+    groups = _recipe_groups(cfg, model)
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups] == [
+        (52, 1e-5, 1e-4),
+        (126, 1e-4, 0.0),
+        (209, 1e-4, 1e-4),
+    ]
+    assert sum(p.numel() for g in groups for p in g["params"]) == 42_862_860
+
+
+@pytest.mark.parametrize("name", ["r50vd", "r34vd", "r18vd"])
+def test_recipe_groups_equal_published_regexes(name):
+    cfg, model = _recipe_model(name)
+    values = {"lr": cfg.lr, "lr_backbone": cfg.lr_backbone, "wd": cfg.weight_decay}
+    expected = {}
+    for param_name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        setting = ("lr", "wd")
+        for pattern, group_lr, group_wd in _PUBLISHED[name]:
+            if re.match(pattern, param_name):
+                setting = (group_lr, group_wd)
+                break
+        expected[param_name] = (values[setting[0]], values.get(setting[1], setting[1]))
+    assert _setting_by_name(model, _recipe_groups(cfg, model)) == expected
