@@ -202,6 +202,7 @@ def from_pretrained(folder) -> torch.nn.Module:
 OUR_VARIANTS = {
     "detr": ("--model", "detr"),
     "detr_panoptic": ("--model", "detr", "--masks", "--nheads", "8"),
+    "detr_dc5_learned_position": ("--model", "detr", "--dilation", "--position_embedding", "learned"),
     "deformable": ("--model", "deformable_detr"),
     "deformable_box_refine": ("--model", "deformable_detr", "--with_box_refine"),
     "deformable_two_stage": ("--model", "deformable_detr", "--with_box_refine", "--two_stage"),
@@ -288,3 +289,15 @@ def test_cli_both_ways(tmp_path, capsys):
     assert_same_outputs(run_hf(from_pretrained(tmp_path / "back")), run_hf(hf_model))
     with pytest.raises(SystemExit, match="no config.json"):
         convert_main(["to-project", str(tmp_path), str(tmp_path / "x.pth")])
+
+
+def test_deformable_shared_heads_must_agree_and_tied_heads_are_filled():
+    arch = Arch("deformable_detr", enc_layers=1, dec_layers=2, num_feature_levels=4)
+    state = our_checkpoint("--model", "deformable_detr")["model"]
+    hf = project_to_hf_state(state, arch)
+    # transformers 5.x saves one copy of heads it ties: the others come back from class_embed.0 / bbox_embed.0
+    trimmed = {k: v for k, v in hf.items() if not k.startswith(("class_embed.1.", "bbox_embed.1."))}
+    assert torch.equal(hf_to_project_state(trimmed, arch)["class_embed.1.weight"], state["class_embed.0.weight"])
+    hf["class_embed.1.bias"] = hf["class_embed.1.bias"] + 1
+    with pytest.raises(MappingError, match="class_embed.1.bias differs from class_embed.0.bias"):
+        hf_to_project_state(hf, arch)
