@@ -301,3 +301,16 @@ def test_deformable_shared_heads_must_agree_and_tied_heads_are_filled():
     hf["class_embed.1.bias"] = hf["class_embed.1.bias"] + 1
     with pytest.raises(MappingError, match="class_embed.1.bias differs from class_embed.0.bias"):
         hf_to_project_state(hf, arch)
+
+
+def test_finetune_takes_converted_checkpoint(tmp_path):
+    from util.finetune import load_for_finetuning
+
+    hf_deformable(with_box_refine=True).save_pretrained(tmp_path / "hf")
+    convert_main(["to-project", str(tmp_path / "hf"), str(tmp_path / "ours.pth")])
+    flags = ["--model", "deformable_detr", "--with_box_refine", "--num_queries", "6", "--num_classes", "3"]
+    model, _, _ = build_model(parse_tiny_args(*flags))
+    reset = load_for_finetuning(model, str(tmp_path / "ours.pth"), verbose=False)
+    assert reset and all("class_embed" in name for name in reset)  # only the 5 -> 3 class heads start afresh
+    converted = load_checkpoint(tmp_path / "ours.pth")["model"]
+    assert torch.equal(model.state_dict()["transformer.level_embed"], converted["transformer.level_embed"])
