@@ -6,6 +6,8 @@ import argparse
 
 from torch import nn
 
+from util.arguments import family_flag_error
+
 from .criterion import SetCriterion
 
 __all__ = ["FAMILIES", "build_model"]
@@ -20,7 +22,7 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, SetCriterion, dict
     if family == "detr":
         for flag in ("with_box_refine", "two_stage"):
             if getattr(args, flag, False):  # a published Deformable DETR command line without --model
-                raise ValueError(f"--{flag} is a Deformable DETR flag: add --model deformable_detr (--model is detr)")
+                raise ValueError(family_flag_error([flag], "detr"))
         from .detr import build
     elif family == "deformable_detr":
         from .deformable_detr import build

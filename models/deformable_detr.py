@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from util.arguments import family_flag_error
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 from .backbone import Backbone, Joiner, _downsample_mask_nearest
@@ -27,6 +28,7 @@ from .postprocess import PostProcessTopK as PostProcess
 __all__ = [
     "MLP",
     "DeformableDETR",
+    "GroupNorm",
     "PostProcess",
     "SetCriterion",
     "build",
@@ -37,14 +39,29 @@ __all__ = [
 ]
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, state-dict keys and numbers) that also takes a group of a single value.
+
+    torch refuses a batch whose groups all hold one value ("Expected more than 1 value per channel when
+    training"): the coarsest extra level of a small image is 1x1, and with ``--hidden_dim 32`` a group is one
+    channel, so batch size 1 failed. GroupNorm normalises each image on its own, so the same image in a larger
+    batch already got the defined answer (a zero-variance group normalises to 0: the output is the bias); the
+    kernel computes it for batch size 1 too.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, *] -> [B, C, *]; ``F.group_norm`` without its batch-size check."""
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled)
+
+
 def build_input_proj(backbone_channels: list[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
     """``input_proj.{l}``: 1x1 conv + GroupNorm(32) per backbone level, then 3x3 stride-2 convs for extra levels
     (the first reads the last backbone map, later ones the previous projected level)."""
-    projections = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(32, hidden_dim)) for c in backbone_channels]
+    projections = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), GroupNorm(32, hidden_dim)) for c in backbone_channels]
     in_channels = backbone_channels[-1]
     for _ in range(num_feature_levels - len(backbone_channels)):
         projections.append(
-            nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1), nn.GroupNorm(32, hidden_dim))
+            nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1), GroupNorm(32, hidden_dim))
         )
         in_channels = hidden_dim
     for proj in projections:
@@ -198,6 +215,17 @@ def check_deformable_args(args: argparse.Namespace) -> None:
     for flag, given in conflicts.items():
         if given:
             raise ValueError(f"{flag} is not supported with {family}; drop one of them")
+    for dest in ("two_stage", "with_box_refine"):
+        if args.model == "dino" and getattr(args, dest, False):  # DINO has both built in
+            raise ValueError(family_flag_error([dest], "dino"))
+    stages = getattr(args, "backbone_stages", 4)
+    # DINO's feature levels are the ResNet stages it names; Deformable DETR takes the C3-C5 that exist.
+    needed = sorted(args.return_interm_indices) if args.model == "dino" else []
+    if needed and needed[-1] >= stages:
+        raise ValueError(
+            f"--backbone_stages {stages} keeps ResNet stages 0..{stages - 1} but --return_interm_indices {needed} "
+            f"needs stage {needed[-1]}: raise --backbone_stages or pass --return_interm_indices within 0..{stages - 1}"
+        )
     if args.two_stage and not args.with_box_refine:
         raise ValueError("--two_stage needs --with_box_refine (the published two-stage recipe uses both)")
     if args.hidden_dim % 32:
