@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_refinement import refine_boxes
-from .ms_deform_attn import MSDeformAttn, _shapes_as_tensor, level_sizes
+from .ms_deform_attn import MSDeformAttn, _is_exporting, _shapes_as_tensor, level_sizes
 from .transformer import MultiheadAttention
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "build_encoder_and_decoder_layer",
     "encoder_proposals",
     "flatten_levels",
+    "num_selected_queries",
     "reset_deformable_parameters",
     "scale_by_valid_ratios",
     "valid_ratios",
@@ -127,6 +128,19 @@ def encoder_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tens
     invalid = padding_mask.unsqueeze(-1) | ~valid
     proposals = proposals.masked_fill(invalid, float("inf"))
     return memory.masked_fill(invalid, 0.0), proposals
+
+
+def num_selected_queries(num_queries: int, num_tokens: int) -> int:
+    """How many encoder tokens two-stage / mixed query selection turns into queries: ``num_queries``, or every one
+    of the ``num_tokens`` (padded tokens included, as the published top-k may pick them) when an image is too small.
+
+    The published code raises in ``torch.topk`` then; here the model returns that many queries (fewer than
+    ``num_queries``; matching, losses and post-processing take any number). While exporting it is always
+    ``num_queries``: a graph keeps one k, so inputs given to it need at least that many tokens.
+    """
+    if _is_exporting():
+        return num_queries
+    return min(num_queries, num_tokens)
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -295,7 +309,8 @@ class DeformableTransformer(nn.Module):
         num_feature_levels: L.
         dec_n_points / enc_n_points: sampling points per head and level.
         two_stage: queries from the top-scoring encoder proposals (heads attached by DeformableDETR).
-        two_stage_num_proposals: how many proposals become queries (= num_queries).
+        two_stage_num_proposals: how many proposals become queries (= num_queries; all S encoder tokens when
+            S is smaller, see ``num_selected_queries``).
         attention: kernel of the decoder self-attention ('sdpa' or 'math').
     """
 
@@ -343,7 +358,8 @@ class DeformableTransformer(nn.Module):
 
         Returns:
             (hs [L_dec, B, Q, D], init_reference [B, Q, 2|4], inter_references [L_dec, B, Q, 2|4],
-            enc_outputs_class [B, S, K] or None, enc_outputs_coord_unact [B, S, 4] or None).
+            enc_outputs_class [B, S, K] or None, enc_outputs_coord_unact [B, S, 4] or None). Two-stage with fewer
+            encoder tokens S than queries: Q = S.
         """
         levels = flatten_levels(srcs, masks, pos_embeds, self.level_embed)
         memory = self.encoder(levels)
@@ -355,7 +371,8 @@ class DeformableTransformer(nn.Module):
             proposal_head = self.decoder.num_layers  # heads 0..L-1 score the decoder layers, head L the proposals
             enc_class = self.decoder.class_embed[proposal_head](output_memory)
             enc_coord_unact = self.decoder.bbox_embed[proposal_head](output_memory) + proposals
-            topk = torch.topk(enc_class[..., 0], self.two_stage_num_proposals, dim=1)[1]
+            num_selected = num_selected_queries(self.two_stage_num_proposals, enc_class.shape[1])
+            topk = torch.topk(enc_class[..., 0], num_selected, dim=1)[1]
             # Published: the selected boxes are detached, so the decoder loss does not reach the proposal head.
             topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
             reference_points = topk_coords_unact.sigmoid()
