@@ -22,6 +22,31 @@ from util.logging import MetricTracker, RunLogger
 log = logging.getLogger("detr")
 
 
+# Seconds between the progress lines of a run without progress bars (--no_progress); also one at each pass's end.
+PROGRESS_LOG_SECONDS = 60.0
+
+
+class _Heartbeat:
+    """Progress for logs (no tqdm bar): one line every ``PROGRESS_LOG_SECONDS`` and one at the end of a pass."""
+
+    def __init__(self, what: str, total: int, enabled: bool, start: int = 0) -> None:
+        self.what, self.total, self.enabled, self.start = what, total, enabled, start
+        self.started = self.last = time.perf_counter()
+
+    def step(self, done: int, **values: str) -> None:
+        """After ``done`` of ``total`` iterations; ``values`` (e.g. loss) are shown as given."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if done < self.total and now - self.last < PROGRESS_LOG_SECONDS:
+            return
+        self.last = now
+        per_iter = (now - self.started) / max(done - self.start, 1)
+        shown = "".join(f", {name} {value}" for name, value in values.items())
+        log.info("%s: %d/%d iterations%s, %.3g s/it, ETA %.0f s", self.what, done, self.total, shown, per_iter,
+                 per_iter * (self.total - done))  # fmt: skip
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss (or predictions); the caller stops without saving this epoch."""
 
@@ -107,7 +132,8 @@ def train_one_epoch(
     Args:
         max_norm: gradient clipping max norm (0 disables clipping; the norm is still logged).
         logger: receives TensorBoard scalars per iteration under ``train/``.
-        progress: tqdm bar (loss, lr, ETA) on the main process.
+        progress: tqdm bar (loss, lr, ETA) on the main process; without it a log line every
+            ``PROGRESS_LOG_SECONDS`` and at the end of the epoch.
         amp: mixed precision of the forward pass; ``scaler`` (a GradScaler) is needed for 'fp16'.
         skip_nonfinite: batches with a non-finite loss that may be skipped before stopping.
         start_iteration: batches of this epoch trained before a mid-epoch resume; ``data_loader`` already
@@ -140,6 +166,7 @@ def train_one_epoch(
         dynamic_ncols=True,
         leave=False,
     )
+    heartbeat = _Heartbeat(f"epoch {epoch}", n_iters, not progress and dist_utils.is_main_process(), start_iteration)
     skipped = 0
     needs_targets = getattr(getattr(model, "module", model), "needs_targets", False)  # through a DDP wrapper
     tic = time.perf_counter()
@@ -201,6 +228,7 @@ def train_one_epoch(
             logger.scalars(scalars, step=epoch * n_iters + i, prefix="train/")
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update()
+        heartbeat.step(i + 1, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if on_step is not None and on_step(i + 1):
             break
         tic = time.perf_counter()
@@ -231,7 +259,9 @@ def evaluate(
 
     Returns:
         (stats, coco_evaluator): stats holds loss means, 'coco_eval_bbox' (the 12 COCO numbers),
-        'coco_eval_masks' with 'segm', and 'PQ_all'/'PQ_th'/'PQ_st' with a panoptic post-processor.
+        'coco_eval_masks' with 'segm', and 'PQ_all'/'PQ_th'/'PQ_st' with a panoptic post-processor;
+        'eval_images' (images evaluated, all processes) and 'eval_images_total' (the dataset's): they differ
+        when ``max_iters`` cut the pass short, and every metric is then on that subset.
     """
     model.eval()
     if criterion is not None:
@@ -253,9 +283,10 @@ def evaluate(
 
     n_iters = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
     show = progress and dist_utils.is_main_process()
-    for samples, targets in tqdm(
-        itertools.islice(data_loader, n_iters), total=n_iters, desc="Test", disable=not show, leave=False
-    ):
+    heartbeat = _Heartbeat("evaluation", n_iters, enabled=not progress and dist_utils.is_main_process())
+    batches = itertools.islice(data_loader, n_iters)
+    for i, (samples, targets) in enumerate(tqdm(batches, total=n_iters, desc="Test", disable=not show, leave=False)):
+        tracker.add("eval_images", len(targets))
         samples = samples.to(device, non_blocking=True)
         targets = _targets_to(targets, device)
         with autocast_context(device.type, amp):
@@ -284,9 +315,15 @@ def evaluate(
                 p["image_id"] = image_id
                 p["file_name"] = f"{image_id:012d}.png"
             panoptic_evaluator.update(panoptic)
+        heartbeat.step(i + 1)
 
     tracker.synchronize()
     stats: dict[str, Any] = tracker.means()
+    total = len(data_loader.dataset) if hasattr(data_loader, "dataset") else None
+    # A DistributedSampler pads the last batches with repeated images: never count more than the dataset holds.
+    evaluated = int(stats.pop("eval_images", 0))
+    stats["eval_images"] = evaluated if total is None else min(evaluated, total)
+    stats["eval_images_total"] = total if total is not None else evaluated
     if coco_evaluator is not None:
         coco_evaluator.synchronize_between_processes()
         coco_evaluator.accumulate()

@@ -24,6 +24,10 @@ from torch import nn
 dependencies = ["torch", "torchvision", "scipy"]
 
 _URL = "https://dl.fbaipublicfiles.com/detr/"
+# The summary line of a hub load that goes through run.finetune (other num_classes or options than the checkpoint's
+# recipe): a plain load for inference, not a fine-tuning run.
+_HUB_LOAD = "weights from"
+
 # Published COCO checkpoints (box AP / PQ on COCO val2017 in the published model zoo).
 CHECKPOINT_URLS = {
     "detr_resnet50": _URL + "detr-r50-e632da11.pth",
@@ -83,7 +87,7 @@ def _make(
         else:
             from run.finetune import load_for_finetuning
 
-            load_for_finetuning(model, CHECKPOINT_URLS[name])
+            load_for_finetuning(model, CHECKPOINT_URLS[name], purpose=_HUB_LOAD)
     return model, postprocessors, args
 
 
@@ -320,7 +324,7 @@ def _deformable(name, pretrained, num_classes, return_postprocessor, backbone_we
             # label_enc too, its label book following num_classes)
             from run.finetune import load_for_finetuning
 
-            load_for_finetuning(model, checkpoint, keep_initial=True)
+            load_for_finetuning(model, checkpoint, keep_initial=True, purpose=_HUB_LOAD)
     return (model, postprocessors["bbox"]) if return_postprocessor else model
 
 

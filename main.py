@@ -20,8 +20,17 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from cli.arguments import get_args_parser
-from cli.config import UsageError, apply_config, dump_config, explicit_dests, is_explicit, parse_args_with_config
+from cli.arguments import check_family_flags, get_args_parser
+from cli.config import (
+    EXPLICIT_ATTR,
+    UsageError,
+    apply_config,
+    command_line_dests,
+    dump_config,
+    explicit_dests,
+    is_explicit,
+    parse_args_with_config,
+)
 from run.checkpoint import CheckpointError, save_checkpoint
 from run.family import adopt_checkpoint_family
 from run.preemption import PreemptionHandler, requeue_slurm_job
@@ -32,6 +41,7 @@ from util.acceleration import apply_channels_last, compile_model
 from util.amp import make_grad_scaler
 from util.logging import MetricTracker, RunLogger, setup_console
 from util.misc import collate_fn
+from util.threads import busy_hint, choose_threads
 
 # models, datasets and engine are imported inside main(): get_args_parser() stays cheap and importable alone.
 log = logging.getLogger("detr")
@@ -201,10 +211,20 @@ def _metrics_line(stats: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _eval_scope(stats: dict[str, Any], prefix: str = "") -> str:
+    """'the validation set', or '40 of 200 validation images' after an evaluation --max_iters_per_epoch cut short."""
+    done, total = stats.get(f"{prefix}eval_images"), stats.get(f"{prefix}eval_images_total")
+    if done is None or total is None or done >= total:
+        return "the validation set"
+    return f"{done} of {total} validation images (--max_iters_per_epoch caps evaluation too)"
+
+
 def _summary(stats: dict[str, Any]) -> str:
     names = {"train_loss": "loss", "train_lr": "lr", "test_loss": "val loss"}
     parts = [f"{name} {stats[key]:.4g}" for key, name in names.items() if key in stats]
     metrics = _metrics_line({k[len("test_") :]: v for k, v in stats.items() if k.startswith("test_")})
+    if metrics and _eval_scope(stats, "test_") != "the validation set":
+        metrics += f" on {stats['test_eval_images']} of {stats['test_eval_images_total']} validation images"
     return ", ".join(parts + ([metrics] if metrics else []))
 
 
@@ -246,6 +266,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_console(rank == 0)
     device = dist_utils.select_device(args.device, is_explicit(args, "device"), local_rank)
     args.device = str(device)
+    try:
+        threads, why = choose_threads(getattr(args, "threads", None), device.type, args.num_workers)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    log.info("device %s, %d intra-op CPU thread%s (%s)%s", device, threads, "s" if threads > 1 else "", why,
+             busy_hint(threads) if device.type == "cpu" and why != "--threads" else "")  # fmt: skip
     dist_utils.init_distributed_mode(args, device)
     try:
         return _run(args, device)
@@ -258,6 +286,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dist_utils.exit_after_peer_failure(failure)
     finally:
         dist_utils.cleanup()
+        torch.set_num_threads(threads_before)  # main() called from Python leaves the caller's setting
 
 
 def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -268,6 +297,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if args.frozen_weights is not None and not args.masks:
         raise UsageError("--frozen_weights is for the segmentation stage only: add --masks")
     adopt_checkpoint_family(args)  # --resume without --model: build the checkpoint's family
+    try:  # after the family is final (YAML, family defaults, a resumed checkpoint's family)
+        check_family_flags(args, command_line_dests(args), getattr(args, EXPLICIT_ATTR, frozenset()))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.resume == "auto" and not args.output_dir:
         raise UsageError("--resume auto continues from the checkpoints of --output_dir: pass --output_dir")
     is_main = dist_utils.is_main_process()
@@ -320,7 +353,9 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     start_iteration = load_weights(args, state)
     if output_dir is not None and is_main:  # the run's configuration: a resume's position is not part of it
-        dump_config(args, get_args_parser(), output_dir / "config.yaml", exclude=("resume", "start_epoch"))
+        # An evaluation never rewrites the training run's config.yaml (--config run/config.yaml would only evaluate).
+        name = "eval_config.yaml" if args.eval else "config.yaml"
+        dump_config(args, get_args_parser(), output_dir / name, exclude=("resume", "start_epoch"))
     eval_kwargs = dict(
         progress=not args.no_progress, max_iters=args.max_iters_per_epoch, amp=args.amp, eval_backend=args.eval_backend
     )
@@ -331,7 +366,9 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         return _train(args, device, model, criterion, state, loader_train, evaluate_now, n_parameters, start_iteration)
     test_stats, coco_evaluator = evaluate_now()
     if is_main:
-        log.info("%s", _metrics_line(test_stats) or "no metrics (no annotations to compare with)")
+        metrics = _metrics_line(test_stats)
+        log.info("%s", f"{metrics} on {_eval_scope(test_stats)}" if metrics else "no metrics (no annotations to "
+                 "compare with)")  # fmt: skip
         _write_eval_outputs(output_dir, coco_evaluator, None)
         _report_predictions(output_dir, coco_evaluator)
         if output_dir is not None:
@@ -416,9 +453,9 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
 
     log.info("total time %.1f s", time.time() - args.start_time)
     if "coco_eval_bbox" in test_stats:
-        log.info("final COCO AP (IoU 0.50:0.95) on the validation set: %.3f", test_stats["coco_eval_bbox"][0])
+        log.info("final COCO AP (IoU 0.50:0.95) on %s: %.3f", _eval_scope(test_stats), test_stats["coco_eval_bbox"][0])
     if "coco_eval_masks" in test_stats or "PQ_all" in test_stats:
-        log.info("final validation metrics: %s", _metrics_line(test_stats))
+        log.info("final validation metrics on %s: %s", _eval_scope(test_stats), _metrics_line(test_stats))
     if output_dir is not None:
         log.info("log: %s", logger.log_path)
         log.info("checkpoint: %s", output_dir / "checkpoint.pth")

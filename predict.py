@@ -1,4 +1,4 @@
-"""Run a trained DETR on images: COCO-results JSON and PNGs with the detections drawn.
+"""Run a trained DETR, Deformable DETR or DINO on images: COCO-results JSON and PNGs with the detections drawn.
 
 Examples:
     python predict.py --checkpoint outputs/checkpoint.pth images/ extra/*.jpg --output_dir predictions
@@ -19,7 +19,6 @@ import glob
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision.transforms.functional as TF
@@ -28,146 +27,19 @@ from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
-from run.checkpoint import CheckpointError, checkpoint_args_to_namespace, load_checkpoint
-from run.family import checkpoint_family
-from util.class_names import class_name, resolve_class_names
+from run.checkpoint import CheckpointError
+from run.model_loading import load_model
+from util.class_names import category_ids, class_name, resolve_class_names
 from util.misc import nested_tensor_from_tensor_list
 
+THRESHOLD_HELP = (
+    "keep detections with a score above this, in [0, 1) (default 0.7). DETR: one detection per query, the softmax "
+    "probability of its best class (the 'no object' class takes the rest). Deformable DETR / DINO: the top "
+    "--num_select (query, class) pairs by sigmoid probability (no 'no object' class; one query may give several "
+    "classes), so a low threshold lists many weak pairs. Only the checkpoint's categories (its stored class names "
+    "or --categories) are ever reported; a checkpoint without them reports every class id"
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-# ---------------------------------------------------------------------------------------- the model
-
-
-def _resnet_of(state: Mapping[str, Tensor], prefix: str = "") -> str | None:
-    """The torchvision ResNet whose keys ``{prefix}backbone.0.body.*`` has (None when unknown)."""
-    body = f"{prefix}backbone.0.body."
-    bottleneck = f"{body}layer1.0.conv3.weight" in state
-    layer3 = f"{body}layer3."
-    layer3_blocks = len({k[len(layer3) :].split(".")[0] for k in state if k.startswith(layer3)})
-    backbones = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
-    return backbones.get((bottleneck, layer3_blocks))
-
-
-def _count_layers(state: Mapping[str, Tensor], stack: str) -> int:
-    head = f"transformer.{stack}.layers."
-    return len({k[len(head) :].split(".")[0] for k in state if k.startswith(head)})
-
-
-def _infer_deformable(state: Mapping[str, Tensor], family: str) -> dict[str, Any]:
-    """Architecture flags of a Deformable DETR or DINO state dict (per-layer heads ``class_embed.{l}``)."""
-    if "class_embed.0.weight" not in state or "transformer.level_embed" not in state:
-        raise ValueError(f"state dict has no class_embed.0/transformer.level_embed: not a {family} checkpoint")
-    classes = state["class_embed.0.weight"]
-    arch = {
-        "num_classes": classes.shape[0],  # sigmoid classes: no "no object" logit
-        "hidden_dim": classes.shape[1],
-        "num_feature_levels": state["transformer.level_embed"].shape[0],
-        "dim_feedforward": state["transformer.encoder.layers.0.linear1.weight"].shape[0],
-        "enc_layers": _count_layers(state, "encoder"),
-        "dec_layers": _count_layers(state, "decoder"),
-        "backbone": _resnet_of(state),
-        "num_queries": None,  # two-stage Deformable DETR: the proposal count is not a weight
-    }
-    if family == "dino":
-        arch["num_queries"] = state["transformer.tgt_embed.weight"].shape[0]
-        arch["dn_labelbook_size"] = state["label_enc.weight"].shape[0] - 1
-        return arch
-    arch["two_stage"] = "transformer.enc_output.weight" in state
-    arch["with_box_refine"] = "transformer.decoder.bbox_embed.0.layers.0.weight" in state
-    if "query_embed.weight" in state:
-        arch["num_queries"] = state["query_embed.weight"].shape[0]
-    return arch
-
-
-def infer_architecture(state: Mapping[str, Tensor], family: str | None = None) -> dict[str, Any]:
-    """Architecture flags implied by a state dict's keys and shapes.
-
-    Args:
-        state: DETR, DETRsegm, Deformable DETR or DINO state dict.
-        family: its ``--model``; None: told by the keys (``run.family.checkpoint_family``).
-
-    Returns:
-        DETR: values for num_classes, num_queries, hidden_dim, dim_feedforward, enc_layers, dec_layers, pre_norm,
-        masks, position_embedding and backbone; Deformable DETR / DINO: num_classes, hidden_dim,
-        num_feature_levels, dim_feedforward, layers, backbone, num_queries and the refinement / two-stage
-        (DINO: dn_labelbook_size) switches. None where the keys do not say (e.g. an unknown ResNet).
-    """
-    family = family or checkpoint_family({"model": state})
-    if family != "detr":
-        return _infer_deformable(state, family)
-    prefix = "detr." if any(k.startswith("detr.") for k in state) else ""
-    if f"{prefix}class_embed.weight" not in state or f"{prefix}query_embed.weight" not in state:
-        raise ValueError("state dict has no class_embed/query_embed: not a DETR checkpoint")
-
-    def count_layers(stack: str) -> int:
-        head = f"{prefix}transformer.{stack}.layers."
-        return len({k[len(head) :].split(".")[0] for k in state if k.startswith(head)})
-
-    query = state[f"{prefix}query_embed.weight"]
-    return {
-        "num_classes": state[f"{prefix}class_embed.weight"].shape[0] - 1,
-        "num_queries": query.shape[0],
-        "hidden_dim": query.shape[1],
-        "dim_feedforward": state[f"{prefix}transformer.encoder.layers.0.linear1.weight"].shape[0]
-        if f"{prefix}transformer.encoder.layers.0.linear1.weight" in state
-        else state[f"{prefix}transformer.decoder.layers.0.linear1.weight"].shape[0],
-        "enc_layers": count_layers("encoder"),
-        "dec_layers": count_layers("decoder"),
-        "pre_norm": f"{prefix}transformer.encoder.norm.weight" in state,
-        "masks": bool(prefix),
-        "position_embedding": "learned" if f"{prefix}backbone.1.row_embed.weight" in state else "sine",
-        "backbone": _resnet_of(state, prefix),
-    }
-
-
-def model_args_from_checkpoint(checkpoint: Mapping[str, Any], device: str = "cpu") -> argparse.Namespace:
-    """Arguments that rebuild the checkpoint's model: parser defaults < stored 'args' < state-dict shapes.
-
-    The backbone is built without downloading ImageNet weights (the checkpoint holds them).
-    """
-    from main import get_args_parser
-
-    if "model" not in checkpoint or not isinstance(checkpoint["model"], Mapping):
-        raise ValueError("checkpoint has no 'model' state dict")
-    family = checkpoint_family(checkpoint)
-    args = get_args_parser().parse_args(["--model", family])
-    stored = checkpoint_args_to_namespace(checkpoint.get("args"))
-    if stored is not None:
-        vars(args).update(vars(stored))
-    args.model = family  # published files store no --model
-    for key, value in infer_architecture(checkpoint["model"], family).items():
-        if value is not None:
-            setattr(args, key, value)
-    args.backbone_weights = "none"
-    args.device = device
-    args.frozen_weights = None
-    args.resume = ""
-    args.finetune = None
-    return args
-
-
-def load_model(
-    checkpoint_path: str, device: str = "cpu", checkpoint: Mapping | None = None
-) -> tuple[nn.Module, dict[str, nn.Module], argparse.Namespace, Mapping]:
-    """Build the checkpoint's model in eval mode on ``device`` and load its weights (strict).
-
-    Returns:
-        (model, postprocessors, args, checkpoint dict).
-    """
-    from models import build_model
-
-    checkpoint = (
-        checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path, hint="check the --checkpoint path")
-    )
-    args = model_args_from_checkpoint(checkpoint, device=device)
-    model, _, postprocessors = build_model(args)
-    try:
-        model.load_state_dict(checkpoint["model"], strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0:3]
-        raise ValueError(f"{checkpoint_path}: weights do not fit the rebuilt model ({' '.join(first)})") from None
-    return model.to(device).eval(), postprocessors, args, checkpoint
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -212,7 +84,7 @@ def check_device(name: str | None) -> str:
     Raises:
         ValueError: an explicit device this machine lacks (one line saying what to pass instead).
     """
-    from util.distributed import DeviceError, select_device
+    from run.distributed import DeviceError, select_device
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -234,15 +106,49 @@ def open_rgb(path: Path) -> Image.Image:
 # ---------------------------------------------------------------------------------------- prediction
 
 
+def restrict_to_classes(
+    outputs: Mapping[str, Tensor], detections: list[dict[str, Tensor]] | None, class_ids: Sequence[int]
+) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    """Keep only the classes ``class_ids`` (the dataset's categories).
+
+    With ``detections`` None: a copy of ``outputs`` whose sigmoid logits [B, Q, K] (Deformable DETR, DINO) are
+    -inf outside ``class_ids``, so the top-k (query, class) selection only spends its slots on categories.
+    With ``detections`` (per image 'scores', 'labels', 'boxes'): those whose label is in ``class_ids``.
+    """
+    if detections is None:
+        logits = outputs["pred_logits"]
+        blocked = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        blocked[list(class_ids)] = False
+        return {**outputs, "pred_logits": logits.masked_fill(blocked, float("-inf"))}
+    allowed = torch.tensor(sorted(class_ids))
+    return [{k: v[torch.isin(d["labels"], allowed)] for k, v in d.items()} for d in detections]
+
+
 @torch.no_grad()
 def predict_batch(
-    model: nn.Module, postprocessor: nn.Module, images: Sequence[Image.Image], device: str, input_scale: float = 1.0
+    model: nn.Module,
+    postprocessor: nn.Module,
+    images: Sequence[Image.Image],
+    device: str,
+    input_scale: float = 1.0,
+    class_ids: Sequence[int] | None = None,
 ) -> list[dict[str, Tensor]]:
-    """Detections for PIL images: per image 'scores' [Q], 'labels' [Q], 'boxes' [Q, 4] x0y0x1y1 in original pixels."""
+    """Detections for PIL images: per image 'scores' [N], 'labels' [N], 'boxes' [N, 4] x0y0x1y1 in original pixels.
+
+    ``class_ids``: the categories of the model's dataset (``util.class_names.category_ids``); other class ids are
+    never returned. None keeps every id (published checkpoints name no categories).
+    """
+    from models.postprocess import PostProcessTopK
+
     tensors = [eval_transform(image, input_scale).to(device) for image in images]
     outputs = model(nested_tensor_from_tensor_list(tensors))
+    if class_ids is not None and isinstance(postprocessor, PostProcessTopK):
+        outputs = restrict_to_classes(outputs, None, class_ids)
     sizes = torch.tensor([[image.height, image.width] for image in images], device=device)
-    return [{k: v.cpu() for k, v in r.items()} for r in postprocessor(outputs, sizes)]
+    detections = [{k: v.cpu() for k, v in r.items()} for r in postprocessor(outputs, sizes)]
+    # DETR's softmax is over all K + 1 logits, so its non-category ids are dropped after the fact, not masked;
+    # the top-k may also pick masked (score 0) pairs when there are fewer category pairs than slots.
+    return detections if class_ids is None else restrict_to_classes(outputs, detections, class_ids)
 
 
 def to_coco_results(image_id: int, file_name: str, detections: Mapping[str, Tensor], names: Mapping) -> list[dict]:
@@ -314,10 +220,14 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    """Predict on every input image; write predictions.json (and PNGs) into args.output_dir; return the results."""
+    """Predict on every input image; write predictions.json (and PNGs) into args.output_dir; return the results.
+
+    predictions.json is written before any attention map is drawn, so a failing drawing never loses it.
+    """
     images = find_images(args.inputs)
     model, postprocessors, model_args, checkpoint = load_model(args.checkpoint, device=args.device)
     names = resolve_class_names(checkpoint, model_args.num_classes, args.categories)
+    class_ids = category_ids(checkpoint, model_args.num_classes, args.categories)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(images)
@@ -326,7 +236,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     for start in range(0, len(images), args.batch_size):
         paths = images[start : start + args.batch_size]
         pil_images = [open_rgb(p) for p in paths]
-        batch = predict_batch(model, postprocessors["bbox"], pil_images, args.device, model_args.input_scale)
+        batch = predict_batch(
+            model, postprocessors["bbox"], pil_images, args.device, model_args.input_scale, class_ids=class_ids
+        )
         for offset, (path, image, detections) in enumerate(zip(paths, pil_images, batch)):
             keep = detections["scores"] > args.threshold
             kept = {k: v[keep] for k, v in detections.items()}
@@ -335,33 +247,48 @@ def run(args: argparse.Namespace) -> list[dict]:
             if not args.no_images:
                 drawn = draw_detections(image, kept, names)
                 TF.to_pil_image(drawn).save(output_dir / f"{stems[image_id]}.png")
-            if args.attention_maps:
-                from tools.attention_maps import save_attention_maps
-
-                save_attention_maps(
-                    model,
-                    image,
-                    output_dir / f"{stems[image_id]}_attention.png",
-                    threshold=args.threshold,
-                    input_scale=model_args.input_scale,
-                    names=names,
-                    points=args.encoder_points,
-                )
         progress.update(len(paths))
     progress.close()
     json_path = output_dir / "predictions.json"
     json_path.write_text(json.dumps(results, indent=1))
     print(f"{len(results)} detections above {args.threshold} in {len(images)} images -> {json_path}")
+    if args.attention_maps:
+        _draw_attention(args, model, model_args, images, stems, names, class_ids, json_path)
     return results
+
+
+def _draw_attention(args, model, model_args, images, stems, names, class_ids, json_path: Path) -> None:
+    """<stem>_attention.png per image; a failure ends the run in one line that says the predictions were kept."""
+    from tools.attention_maps import save_attention_maps
+
+    output_dir = Path(args.output_dir)
+    for path, stem in zip(images, stems):
+        try:
+            save_attention_maps(
+                model,
+                open_rgb(path),
+                output_dir / f"{stem}_attention.png",
+                threshold=args.threshold,
+                input_scale=model_args.input_scale,
+                names=names,
+                points=args.encoder_points,
+                class_ids=class_ids,
+            )
+        except Exception as err:  # noqa: BLE001 - any drawing failure: the predictions are already on disk
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise SystemExit(
+                f"error: attention maps failed on {path} ({type(err).__name__}: {message}); "
+                f"the predictions were written to {json_path}"
+            ) from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags of predict.py."""
-    parser = argparse.ArgumentParser("DETR prediction", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
     parser.add_argument("--output_dir", default="predictions", help="where predictions.json and the PNGs go")
-    parser.add_argument("--threshold", type=float, default=0.7, help="keep detections with a higher score")
+    parser.add_argument("--threshold", type=float, default=0.7, help=THRESHOLD_HELP)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: cuda when available)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--categories", default=None, help="JSON with category names (COCO annotation file or list)")

@@ -12,10 +12,18 @@ import argparse
 import difflib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["FAMILY_DEFAULTS", "FamilyArgumentParser", "apply_family_defaults", "get_args_parser"]
+__all__ = [
+    "FAMILY_DEFAULTS",
+    "FAMILY_FLAGS",
+    "FamilyArgumentParser",
+    "apply_family_defaults",
+    "check_family_flags",
+    "family_flag_error",
+    "get_args_parser",
+]
 
 # Published defaults of each family that differ from DETR's (the parser's own defaults are DETR's).
 # Deformable DETR: the authors' main.py / configs; DINO: config/DINO/DINO_4scale.py (see ../shared/DESIGN_*.md).
@@ -48,6 +56,75 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 _UNSET = object()
+
+# Flags only some families read (destination -> those families), from each family's build: models/deformable_detr.py,
+# models/dino.py, models/position_encoding.py and the focal criteria. Every flag not listed is read by all families
+# (the optimizer flags --lr_backbone_names, --sgd, ... by main.build_optimizer) or is a published DETR flag, which
+# stays accepted everywhere. Giving a listed flag to another family is an error (check_family_flags).
+_MULTISCALE = ("deformable_detr", "dino")
+FAMILY_FLAGS: dict[str, tuple[str, ...]] = {
+    "num_feature_levels": _MULTISCALE,
+    "enc_n_points": _MULTISCALE,
+    "dec_n_points": _MULTISCALE,
+    "position_embedding_scale": _MULTISCALE,
+    "cls_loss_coef": _MULTISCALE,
+    "focal_alpha": _MULTISCALE,
+    "with_box_refine": ("deformable_detr",),
+    "two_stage": ("deformable_detr",),
+    "return_interm_indices": ("dino",),
+    "pe_temperatureH": ("dino",),
+    "pe_temperatureW": ("dino",),
+    "dn_number": ("dino",),
+    "dn_label_noise_ratio": ("dino",),
+    "dn_box_noise_scale": ("dino",),
+    "dn_labelbook_size": ("dino",),
+    "num_select": ("dino",),
+    "interm_loss_coef": ("dino",),
+    "no_interm_box_loss": ("dino",),
+}
+_FAMILY_NAMES = {"detr": "DETR", "deformable_detr": "Deformable DETR", "dino": "DINO"}
+# DINO always selects encoder proposals (two-stage) and refines boxes layer by layer; the published DINO code has
+# neither flag.
+_DINO_BUILT_IN = {"two_stage": "always two-stage", "with_box_refine": "always refines boxes layer by layer"}
+
+
+def family_flag_error(dests: Sequence[str], family: str) -> str:
+    """The one-line message for flags in ``dests`` (in order) that ``--model family`` does not read."""
+    first = dests[0]
+    if family == "dino" and first in _DINO_BUILT_IN:
+        return f"--{first} is a Deformable DETR flag: DINO is {_DINO_BUILT_IN[first]}; drop --{first} (--model is dino)"
+    owners = " / ".join(_FAMILY_NAMES[f] for f in FAMILY_FLAGS[first])
+    # Suggest the families that read every flag given (else those of the first).
+    common = [f for f in FAMILY_FLAGS[first] if all(f in FAMILY_FLAGS[d] for d in dests)] or FAMILY_FLAGS[first]
+    suggestion = " or ".join(f"--model {f}" for f in common)
+    ignored = ", ".join(f"--{d}" for d in dests)
+    return f"--{first} is a {owners} flag: add {suggestion} (--model is {family}, which ignores {ignored})"
+
+
+def check_family_flags(
+    args: argparse.Namespace,
+    command_line: Collection[str],
+    from_config: Collection[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """Raise ValueError (one line) when a flag of ``FAMILY_FLAGS`` is given but ``args.model`` does not read it.
+
+    Args:
+        command_line: destinations given on the command line: always checked.
+        from_config: destinations set by a ``--config`` YAML: checked only where the value differs from the
+            parser default, so a run's own dumped config.yaml (which lists every flag) stays loadable.
+        defaults: destination -> parser default (default: ``get_args_parser()``'s).
+    """
+    family = getattr(args, "model", "detr")
+    if defaults is None:
+        defaults = {a.dest: a.default for a in get_args_parser()._actions}
+    given = [
+        dest for dest, families in FAMILY_FLAGS.items()
+        if family not in families and hasattr(args, dest)
+        and (dest in command_line or (dest in from_config and getattr(args, dest) != defaults.get(dest)))
+    ]  # fmt: skip
+    if given:
+        raise ValueError(family_flag_error(given, family))
 
 
 def apply_family_defaults(args: argparse.Namespace, explicit: set[str] | frozenset[str]) -> argparse.Namespace:
@@ -91,7 +168,11 @@ class FamilyArgumentParser(argparse.ArgumentParser):
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The published DETR argument parser, extended with this project's flags (same names and defaults)."""
-    parser = FamilyArgumentParser("DETR", add_help=add_help)
+    parser = FamilyArgumentParser(
+        prog="main.py",
+        description="Train and evaluate DETR-family detectors: DETR, Deformable DETR and DINO (--model).",
+        add_help=add_help,
+    )
     parser.add_argument("--model", default="detr", choices=tuple(FAMILY_DEFAULTS),
                         help="detector family; every flag not given takes that family's published default")  # fmt: skip
     parser.add_argument("--lr", default=1e-4, type=float)
@@ -220,7 +301,9 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval_batch_size", default=None, type=int, help="evaluation batch size (default batch_size)")
     group.add_argument("--eval_backend", default="pycocotools", choices=("pycocotools", "faster"))
     group.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
-    group.add_argument("--max_iters_per_epoch", default=None, type=int, help="cap iterations per epoch (smoke runs)")
+    group.add_argument("--max_iters_per_epoch", default=None, type=int,
+                       help="cap the iterations of every training epoch AND of every evaluation (smoke runs): the AP "
+                       "is then on a subset of the validation set, and the log says on how many images")  # fmt: skip
     group.add_argument("--finetune", default=None, help="checkpoint to fine-tune from; mismatched heads re-initialised")
     group.add_argument("--checkpoint_every", default=0, type=int, help="also checkpoint every N iterations")
     group.add_argument(
@@ -230,7 +313,12 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
         "--keep_new_schedule", action="store_true", help="on resume, keep lr/lr_drop/epochs from the command line"
     )
     group.add_argument("--dist_timeout", default=10, type=float, help="minutes before a stuck collective fails")
-    group.add_argument("--no_progress", action="store_true", help="disable tqdm progress bars")
+    group.add_argument("--no_progress", action="store_true",
+                       help="no tqdm progress bars; one log line per minute (and at the end) instead")  # fmt: skip
+    group.add_argument("--threads", default=None, type=int,
+                       help="CPU intra-op threads of the main process (default: OMP_NUM_THREADS when set, else the "
+                       "usable cores minus --num_workers, at least 1; shown at start-up). On a machine busy with "
+                       "other jobs, --threads 1 can be 10x faster for small models")  # fmt: skip
 
 
 def _add_family_flags(parser: argparse.ArgumentParser) -> None:

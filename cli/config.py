@@ -18,6 +18,8 @@ import yaml
 BASE_KEY = "_base_"
 # Namespace attribute holding the destinations the user set explicitly (command line or YAML).
 EXPLICIT_ATTR = "_explicit"
+# ... and those of them given on the command line (the rest came from the YAML file).
+COMMAND_LINE_ATTR = "_command_line"
 _UNSET = object()
 
 
@@ -123,6 +125,7 @@ def apply_config(
         actions = _actions_by_dest(parser)
         explicit = {d for d, a in actions.items() if hasattr(args, d) and getattr(args, d) != a.default}
     explicit = set(explicit)
+    setattr(args, COMMAND_LINE_ATTR, frozenset(explicit))
     if args.config:
         config = validate_config(load_config(args.config), parser, args.config)
         for key, value in config.items():
@@ -145,6 +148,11 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
 def is_explicit(args: argparse.Namespace, dest: str) -> bool:
     """Whether ``dest`` was set on the command line or in the config file (False when unknown)."""
     return dest in getattr(args, EXPLICIT_ATTR, ())
+
+
+def command_line_dests(args: argparse.Namespace) -> frozenset[str]:
+    """The destinations given on the command line (all explicit ones when that was not recorded)."""
+    return getattr(args, COMMAND_LINE_ATTR, getattr(args, EXPLICIT_ATTR, frozenset()))
 
 
 def config_dict(args: argparse.Namespace) -> dict[str, Any]:

@@ -216,7 +216,7 @@ class Backbone(BackboneBase):
             raise ValueError(f"--backbone {name}: unsupported; choose one of {sorted(_STAGE_CHANNELS)}")
         if stages not in (2, 3, 4):
             raise ValueError(f"--backbone_stages {stages}: choose 2, 3 or 4")
-        if return_interm_layers and stages != 4:
+        if return_interm_layers and stages != 4 and return_interm_indices is None:  # --masks: layer1..layer4
             raise ValueError(f"--masks needs all four ResNet stages; got --backbone_stages {stages}")
         if return_interm_indices is None:
             return_interm_indices = range(4) if return_interm_layers else [stages - 1]

@@ -1,4 +1,4 @@
-"""DINO's contrastive denoising (CDN) queries (Zhang et al., ICLR 2023, section 3.3).
+"""DINO's contrastive denoising (CDN) queries (Zhang et al., ICLR 2023, section 3.3), and RT-DETR's variant.
 
 During training, noised copies of the ground-truth boxes are fed to the decoder in front of the matching queries.
 Each group holds one positive copy (small noise, to be reconstructed) and one negative copy (larger noise, to be
@@ -178,3 +178,82 @@ def dn_post_process(
         known["aux_outputs"] = set_aux_loss(dn_class, dn_coord)
     dn_meta["output_known_lbs_bboxes"] = known
     return outputs_class[:, :, pad_size:], outputs_coord[:, :, pad_size:]
+
+
+def prepare_for_rtdetr_cdn(
+    targets: Sequence[dict[str, Tensor]],
+    num_classes: int,
+    num_queries: int,
+    class_embed: nn.Embedding,
+    num_denoising: int = 100,
+    label_noise_ratio: float = 0.5,
+    box_noise_scale: float = 1.0,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, dict | None]:
+    """RT-DETR's contrastive denoising queries (DINO's scheme with RT-DETR's layout, group count and RNG order).
+
+    Differences from :func:`prepare_for_cdn`: groups = num_denoising // max_gt (at least 1); the noise is drawn
+    image-major over every slot of the padded [B, 2 * groups * max_gt] layout (padding slots included); a flipped
+    label is drawn from [0, num_classes) for every slot and used where the slot holds a target; padding slots keep
+    class num_classes (the embedding's zero padding row) and box 0. A batch without boxes gets one group of one
+    dummy target (box 0.5 0.5 0.1 0.1, class num_classes, never positive), so the graph keeps the dn part.
+    Global RNG draws, in order: rand_like (flip, p = label_noise_ratio / 2), randint_like (new class, int32),
+    randint_like (sign), rand_like (magnitude m, +1 for negatives); corners move by sign * m * (w/2, h/2) *
+    box_noise_scale, are clipped to [0, 1] and the boxes are unsigmoided (eps 1e-5).
+
+    Args:
+        targets: per image {"labels": [N_b] int64 in [0, num_classes), "boxes": [N_b, 4] cxcywh in [0, 1]}.
+        num_classes: K; also the padding class.
+        num_queries: matching queries Q that follow the dn queries.
+        class_embed: nn.Embedding(K + 1, D, padding_idx=K).
+        num_denoising: dn query budget (<= 0: no denoising, four None).
+
+    Returns:
+        content [B, n_dn, D], reference logits [B, n_dn, 4] (unsigmoided cxcywh), attn_mask [n_dn + Q, n_dn + Q]
+        bool (True = blocked), dn_meta {"dn_positive_idx": per image int64 [groups * N_b] slot indices of the
+        positives, group-major; "dn_num_group"; "dn_num_split": [n_dn, Q]}.
+    """
+    if num_denoising <= 0:
+        return None, None, None, None
+    counts = [len(t["labels"]) for t in targets]
+    device = targets[0]["labels"].device
+    max_gt = max(counts)
+    empty = max_gt == 0
+    max_gt = max(max_gt, 1)
+    groups = 1 if empty else max(num_denoising // max_gt, 1)
+    batch = len(counts)
+
+    labels = torch.full([batch, max_gt], num_classes, dtype=torch.int32, device=device)
+    boxes = torch.zeros([batch, max_gt, 4], device=device)
+    is_target = torch.zeros([batch, max_gt], dtype=torch.bool, device=device)
+    if empty:
+        boxes[..., :2], boxes[..., 2:] = 0.5, 0.1
+    for b, (target, n) in enumerate(zip(targets, counts)):
+        labels[b, :n] = target["labels"].to(torch.int32)
+        boxes[b, :n] = target["boxes"]
+        is_target[b, :n] = True
+    labels = labels.tile([1, 2 * groups])
+    boxes = boxes.tile([1, 2 * groups, 1])
+    is_target = is_target.tile([1, 2 * groups])
+    negative = torch.zeros([batch, 2 * max_gt, 1], device=device)
+    negative[:, max_gt:] = 1
+    negative = negative.tile([1, groups, 1])
+    positive_idx = torch.nonzero((1 - negative.squeeze(-1)) * is_target)[:, 1]
+    dn_positive_idx = list(positive_idx.split([n * groups for n in counts]))
+    num_dn = 2 * groups * max_gt
+
+    if label_noise_ratio > 0:
+        flip = torch.rand_like(labels, dtype=torch.float) < label_noise_ratio * 0.5
+        new_labels = torch.randint_like(flip, 0, num_classes, dtype=labels.dtype)
+        labels = torch.where(flip & is_target, new_labels, labels)
+    if box_noise_scale > 0:
+        corners = box_cxcywh_to_xyxy(boxes)
+        half = boxes[..., 2:].mul(0.5).tile([1, 1, 2]) * box_noise_scale
+        sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
+        part = torch.rand_like(boxes)
+        part = (part + 1.0) * negative + part * (1 - negative)
+        boxes = box_xyxy_to_cxcywh((corners + sign * part * half).clip(min=0.0, max=1.0))
+    ref_logits = inverse_sigmoid(boxes)
+    content = class_embed(labels)
+    attn_mask = dn_attention_mask(num_dn, groups, num_queries, device)
+    dn_meta = {"dn_positive_idx": dn_positive_idx, "dn_num_group": groups, "dn_num_split": [num_dn, num_queries]}
+    return content, ref_logits, attn_mask, dn_meta

@@ -11,21 +11,44 @@ from torch import Tensor, nn
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 from .backbone import Joiner, _downsample_mask_nearest, build_backbone
+from .ms_deform_attn import _is_exporting
 
 if TYPE_CHECKING:
     from .settings import DetectorSettings
 
-__all__ = ["build_input_proj", "build_multiscale_backbone", "project_levels", "select_top_queries"]
+__all__ = [
+    "GroupNorm",
+    "build_input_proj",
+    "build_multiscale_backbone",
+    "num_selected_queries",
+    "project_levels",
+    "select_top_queries",
+]
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, state-dict keys and numbers) that also takes a group of a single value.
+
+    torch refuses a batch whose groups all hold one value ("Expected more than 1 value per channel when
+    training"): the coarsest extra level of a small image is 1x1, and with ``--hidden_dim 32`` a group is one
+    channel, so batch size 1 failed. GroupNorm normalises each image on its own, so the same image in a larger
+    batch already got the defined answer (a zero-variance group normalises to 0: the output is the bias); the
+    kernel computes it for batch size 1 too.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, *] -> [B, C, *]; ``F.group_norm`` without its batch-size check."""
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled)
 
 
 def build_input_proj(backbone_channels: list[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
     """``input_proj.{l}``: 1x1 conv + GroupNorm(32) per backbone level, then 3x3 stride-2 convs for extra levels
     (the first reads the last backbone map, later ones the previous projected level)."""
-    projections = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(32, hidden_dim)) for c in backbone_channels]
+    projections = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), GroupNorm(32, hidden_dim)) for c in backbone_channels]
     in_channels = backbone_channels[-1]
     for _ in range(num_feature_levels - len(backbone_channels)):
         projections.append(
-            nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1), nn.GroupNorm(32, hidden_dim))
+            nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1), GroupNorm(32, hidden_dim))
         )
         in_channels = hidden_dim
     for proj in projections:
@@ -72,11 +95,24 @@ def build_multiscale_backbone(
     return build_backbone(settings, len(stage_indices) > 1, list(stage_indices), **position)
 
 
+def num_selected_queries(num_queries: int, num_tokens: int) -> int:
+    """How many encoder tokens two-stage / mixed query selection turns into queries: ``num_queries``, or every one
+    of the ``num_tokens`` (padded tokens included, as the published top-k may pick them) when an image is too small.
+
+    The published code raises in ``torch.topk`` then; here the model returns that many queries (fewer than
+    ``num_queries``; matching, losses and post-processing take any number). While exporting it is always
+    ``num_queries``: a graph keeps one k, so inputs given to it need at least that many tokens.
+    """
+    if _is_exporting():
+        return num_queries
+    return min(num_queries, num_tokens)
+
+
 def select_top_queries(scores: Tensor, num_queries: int, *tensors: Tensor) -> list[Tensor]:
     """The ``num_queries`` best encoder tokens of each image by ``scores`` [B, S] -> each of ``tensors``
-    [B, S, C] gathered at them, [B, num_queries, C] (two-stage proposals; DINO's mixed query selection).
+    [B, S, C] gathered at them, [B, Q, C] (two-stage proposals; DINO's mixed query selection).
 
-    Raises (torch.topk) when S < num_queries.
+    Q = ``num_selected_queries(num_queries, S)``: all S tokens when an image has fewer than ``num_queries``.
     """
-    topk = torch.topk(scores, num_queries, dim=1)[1]
+    topk = torch.topk(scores, num_selected_queries(num_queries, scores.shape[1]), dim=1)[1]
     return [torch.gather(x, 1, topk.unsqueeze(-1).expand(-1, -1, x.shape[-1])) for x in tensors]

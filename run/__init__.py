@@ -1,2 +1,2 @@
 """The run lifecycle: checkpoints, resume, exact-resume RNG state, run folders, preemption, fine-tuning,
-distributed set-up, and rebuilding a model from a checkpoint."""
+distributed set-up, EMA, warm-up, parameter groups, and rebuilding a model from a checkpoint."""

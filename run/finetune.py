@@ -46,6 +46,7 @@ def load_for_finetuning(
     reinit_prefixes: Sequence[str] = HEAD_PREFIXES,
     verbose: bool = True,
     keep_initial: bool = False,
+    purpose: str = "fine-tuning from",
 ) -> list[str]:
     """Initialise ``model`` from a checkpoint for fine-tuning on another dataset.
 
@@ -59,6 +60,7 @@ def load_for_finetuning(
         verbose: print one summary line and one line per tensor that was not loaded.
         keep_initial: mismatched tensors keep the model's current (freshly built) values instead of being reset
             with ``reset_parameters``. Tensors a model lists under several names stay shared either way.
+        purpose: how the summary line starts ('fine-tuning from'; torch.hub's loads say 'weights from').
 
     Returns:
         Names of the model's tensors that were NOT taken from the checkpoint, in state-dict order: those
@@ -96,7 +98,7 @@ def load_for_finetuning(
 
     not_loaded = [k for k in model_state if k not in loadable]
     if verbose:
-        _report(path_or_url, state, model_state, not_loaded, mismatched, skipped)
+        _report(path_or_url, state, model_state, not_loaded, mismatched, skipped, purpose)
     return not_loaded
 
 
@@ -130,9 +132,9 @@ def _reset_owners(model: nn.Module, names: Sequence[str]) -> None:
             submodule.reset_parameters()
 
 
-def _report(source, state, model_state, not_loaded, mismatched, skipped) -> None:
+def _report(source, state, model_state, not_loaded, mismatched, skipped, purpose: str = "fine-tuning from") -> None:
     loaded = len(model_state) - len(not_loaded)
-    print(f"fine-tuning from {source}: loaded {loaded}/{len(model_state)} tensors, {len(not_loaded)} not loaded")
+    print(f"{purpose} {source}: loaded {loaded}/{len(model_state)} tensors, {len(not_loaded)} not loaded")
     for name in not_loaded:
         if name in mismatched:
             shapes = f"checkpoint {list(state[name].shape)} -> model {list(model_state[name].shape)}"

@@ -9,7 +9,7 @@ import torch
 
 from cli.config import apply_config, is_explicit
 from main import get_args_parser, parse_args
-from util import distributed as dist_utils
+from run import distributed as dist_utils
 
 
 @pytest.fixture

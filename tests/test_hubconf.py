@@ -12,7 +12,7 @@ import hubconf
 import models
 import run.checkpoint
 from models.postprocess import PostProcess
-from predict import infer_architecture
+from run.model_loading import infer_architecture
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRIES = {  # name: (backbone, dilation, masks, num_classes)

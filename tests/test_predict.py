@@ -16,6 +16,7 @@ import predict
 from models import build_model
 from models.box_refinement import DINO_EPS
 from run.checkpoint import save_checkpoint
+from run.model_loading import load_model
 from util.class_names import COCO_CLASSES, resolve_class_names
 from util.misc import nested_tensor_from_tensor_list
 
@@ -227,7 +228,7 @@ def test_published_style_checkpoint_rebuilds(tmp_path):
     published.hidden_dim = 999  # a wrong stored value: the state dict wins
     path = tmp_path / "published.pth"
     torch.save({"model": model.state_dict(), "args": published}, path)
-    loaded, _, margs, _ = predict.load_model(str(path))
+    loaded, _, margs, _ = load_model(str(path))
     assert (margs.num_queries, margs.hidden_dim, margs.pre_norm, margs.position_embedding) == (7, 32, True, "learned")
     assert margs.backbone_weights == "none" and margs.num_classes == 91
     for key, value in model.state_dict().items():
@@ -243,7 +244,7 @@ def test_published_style_deformable_checkpoint_rebuilds_its_family(tmp_path):
     published.with_box_refine = published.two_stage = False  # wrong stored values: the state dict wins
     path = tmp_path / "r50_deformable_detr_two_stage.pth"
     torch.save({"model": model.state_dict(), "args": published}, path)
-    loaded, postprocessors, margs, _ = predict.load_model(str(path))
+    loaded, postprocessors, margs, _ = load_model(str(path))
     assert (margs.model, margs.with_box_refine, margs.two_stage, margs.num_feature_levels) == (
         "deformable_detr", True, True, 3
     )  # fmt: skip
@@ -263,7 +264,7 @@ def test_published_style_dino_checkpoint_rebuilds_its_family(tmp_path):
     published.num_queries = published.dn_labelbook_size = 999  # wrong stored values: the state dict wins
     path = tmp_path / "checkpoint0011_4scale.pth"
     torch.save({"model": model.state_dict(), "args": published}, path)
-    loaded, postprocessors, margs, _ = predict.load_model(str(path))
+    loaded, postprocessors, margs, _ = load_model(str(path))
     assert (margs.model, margs.num_queries, margs.dn_labelbook_size, margs.num_classes) == ("dino", 7, 8, 5)
     assert postprocessors["bbox"].num_select == 20  # the stored --num_select
     for key, value in model.state_dict().items():
@@ -305,3 +306,63 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         )
     with pytest.raises(SystemExit, match="missing.pth"):
         predict.main([str(broken), "--checkpoint", str(tmp_path / "missing.pth")])
+
+
+def _favour_non_categories(model):
+    """Class logits +3 for ids 0, 2 and 4 (not categories below), so unmasked they win every top-k slot."""
+    heads = model.class_embed if isinstance(model.class_embed, torch.nn.ModuleList) else [model.class_embed]
+    with torch.no_grad():
+        for head in heads:
+            head.bias[[0, 2, 4]] += 3.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_the_checkpoints_categories_are_reported(tmp_path, family):
+    """Issue 18 item 4: 5 classes, categories 1 and 3 only; no other id is ever written or drawn."""
+    ckpt, model, args = _checkpoint(
+        tmp_path, *_family_flags(family), "--num_classes", "5", plant=_favour_non_categories,
+        class_names={1: "cat", 3: "dog"},
+    )  # fmt: skip
+    paths = _images(tmp_path / "images")
+    argv = [str(paths[0]), "--checkpoint", str(ckpt), "--device", "cpu", "--no_progress", "--threshold", "0.0"]
+    results = predict.main([*argv, "--output_dir", str(tmp_path / "out")])
+    assert {r["category_id"] for r in results} <= {1, 3}
+    assert {r["category_name"] for r in results} <= {"cat", "dog"}
+    if family == "detr":
+        return  # softmax: a query whose best class is not a category is dropped (checked above)
+    # Oracle: the top-k (query, class) pairs among the categories only, by sigmoid score.
+    with torch.no_grad():
+        image = Image.open(paths[0]).convert("RGB")
+        logits = model(nested_tensor_from_tensor_list([predict.eval_transform(image, 0.1)]))["pred_logits"][0]
+    pairs = sorted(((float(logits[q, c].sigmoid()), q, c) for q in range(len(logits)) for c in (1, 3)), reverse=True)
+    expected = pairs[: TOP_K[family]]
+    assert len(results) == len(expected) == min(TOP_K[family], 2 * args.num_queries)
+    assert [(r["category_id"], r["score"]) for r in results] == [
+        (c, pytest.approx(s, abs=1e-6)) for s, _, c in expected
+    ]
+
+    # A published file names no categories: every id stays, and names are not invented for them.
+    published = tmp_path / "published.pth"
+    torch.save({"model": model.state_dict(), "args": args}, published)
+    argv[2] = str(published)
+    results = predict.main([*argv, "--output_dir", str(tmp_path / "pub")])
+    assert {r["category_id"] for r in results} >= {0, 2, 4}
+    assert {r["category_name"] for r in results} <= {f"class {i}" for i in range(5)}
+
+
+def test_categories_that_name_no_class_of_the_model_are_one_line(tmp_path):
+    ckpt, _, _ = _checkpoint(tmp_path, "--num_classes", "3")
+    cats = tmp_path / "other.json"
+    cats.write_text(json.dumps([{"id": 7, "name": "truck"}, {"id": 9, "name": "bus"}]))
+    argv = [str(_images(tmp_path / "i")[0]), "--checkpoint", str(ckpt), "--device", "cpu", "--categories", str(cats)]
+    with pytest.raises(SystemExit) as info:
+        predict.main([*argv, "--output_dir", str(tmp_path / "o"), "--no_progress"])
+    assert str(info.value.code) == f"error: {cats}: no category id (7..9) is a class of this model (0..2)"
+
+
+def test_threshold_help_explains_the_score_per_family():
+    text = " ".join(predict.get_args_parser().format_help().split())
+    assert (
+        "softmax probability of its best class" in text and "top --num_select (query, class) pairs by sigmoid" in text
+    )
+    assert "Only the checkpoint's categories" in text

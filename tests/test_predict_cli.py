@@ -101,3 +101,10 @@ def test_predict_and_visualize_attention_do_not_import_each_other():
     assert not {m for m in _imports(ROOT / "predict.py") if m.startswith("tools.visualize_attention")}
     assert "predict" not in _imports(ROOT / "tools" / "attention_maps.py")
     assert "tools.attention_maps" in _imports(ROOT / "tools" / "visualize_attention.py")
+
+
+def test_help_names_every_family_and_no_fake_program():
+    """Issue 18 item 13: --help said 'usage: DETR prediction ...' (a program name that is not a command)."""
+    for parser in (predict.get_args_parser(), visualize_attention.get_args_parser()):
+        text = " ".join(parser.format_help().split())
+        assert not text.startswith("usage: DETR") and "Deformable DETR" in text and "DINO" in text

@@ -123,3 +123,19 @@ def test_attention_pngs_from_function_and_predict_flag(tiny_model, tmp_path):
     )
     assert (tmp_path / "pred" / "photo_attention.png").stat().st_size > 5000
     assert (tmp_path / "pred" / "photo.png").is_file()
+
+
+def test_select_objects_of_a_focal_model_uses_sigmoid_scores_and_only_categories():
+    """Deformable DETR / DINO: no "no object" column, sigmoid per class; non-category ids are never chosen."""
+    logits = torch.full((1, 3, 4), -6.0)
+    logits[0, 0, 3] = 1.0  # query 0: class 3 (the last column, which a softmax[:-1] would drop)
+    logits[0, 1, 0] = 4.0  # query 1: class 0, not a category below
+    logits[0, 1, 2] = 0.5
+    boxes = torch.full((1, 3, 4), 0.5)
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+    chosen = select_objects(outputs, (10, 10), threshold=0.3, max_objects=5, focal=True)
+    assert [(q, label) for q, label, _, _ in chosen] == [(1, 0), (0, 3)]
+    assert chosen[0][2] == pytest.approx(1 / (1 + math.exp(-4.0)))
+    chosen = select_objects(outputs, (10, 10), threshold=0.3, max_objects=5, focal=True, class_ids=[2, 3])
+    assert [(q, label) for q, label, _, _ in chosen] == [(0, 3), (1, 2)]
+    assert chosen[1][2] == pytest.approx(1 / (1 + math.exp(-0.5)))

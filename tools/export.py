@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
         return export_onnx_main(rest)
     args = get_args_parser().parse_args(argv)
-    from predict import load_model
+    from run.model_loading import load_model
     from run.checkpoint import CheckpointError
 
     try:

@@ -18,7 +18,10 @@ from util.plot_utils import plot_logs, plot_precision_recall  # noqa: E402
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags of this tool."""
-    parser = argparse.ArgumentParser("Plot DETR training logs and precision-recall curves")
+    parser = argparse.ArgumentParser(
+        prog="tools/plot_logs.py",
+        description="Plot training logs and precision-recall curves of DETR-family runs (DETR, Deformable DETR, DINO).",
+    )
     parser.add_argument("logs", nargs="*", help="log.txt files or output folders holding log.txt")
     parser.add_argument(
         "--fields",

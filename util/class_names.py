@@ -82,3 +82,30 @@ def resolve_class_names(checkpoint: Mapping | None, num_classes: int, categories
 def class_name(names: Mapping[int, str], label: int) -> str:
     """Name of ``label`` in ``names``, or ``"class <label>"`` when unknown."""
     return names.get(int(label), f"class {int(label)}")
+
+
+def category_ids(checkpoint: Mapping | None, num_classes: int, categories_file: str | None = None) -> list[int] | None:
+    """Class ids that are categories of the model's dataset, or None when nothing says which are.
+
+    The categories come from ``categories_file`` or the checkpoint's stored 'class_names' / 'categories' (every
+    training checkpoint of this project has them). Published checkpoints store none: None, all ids stay. Only
+    ids the model can output (0 <= id < ``num_classes``) count.
+
+    Raises:
+        ValueError: the categories name no id in [0, num_classes) (a categories file of another dataset).
+    """
+    names: Mapping[int, str] = {}
+    if categories_file:
+        names = load_categories_file(categories_file)
+    elif checkpoint is not None:
+        stored = next((checkpoint[k] for k in ("class_names", "categories") if checkpoint.get(k)), None)
+        names = names_from_categories(stored) if stored is not None else {}
+    if not names:
+        return None
+    ids = sorted(i for i in names if 0 <= i < num_classes)
+    if not ids:
+        source = categories_file or "the checkpoint's class_names"
+        raise ValueError(
+            f"{source}: no category id ({min(names)}..{max(names)}) is a class of this model (0..{num_classes - 1})"
+        )
+    return ids

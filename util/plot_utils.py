@@ -20,6 +20,10 @@ COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR
 _COCO_STAT_ALIASES = {"mAP": "AP"}
 
 
+# Curves with at most this many points are drawn with markers.
+MARKER_MAX_POINTS = 20
+
+
 def read_log(path: str | Path, log_name: str = "log.txt") -> list[dict[str, Any]]:
     """Read one training log: a log.txt path, or an output folder that holds ``log_name``.
 
@@ -158,7 +162,9 @@ def plot_logs(
             for split, epochs, values in _series_for_field(records, field):
                 style = "--" if split == "test" else "-"
                 legend = f"{label} {split}".strip()
-                ax.plot(epochs, ewm(values, ewm_col), style, color=color, label=legend)
+                # A line needs two points: a short run (one epoch: one point) gets markers, or it draws nothing.
+                marker = "o" if len(epochs) <= MARKER_MAX_POINTS else None
+                ax.plot(epochs, ewm(values, ewm_col), style, color=color, label=legend, marker=marker)
                 drew = True
         if not drew:
             missing.append(field)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..criterion import expand_weight_dict, place_criterion
 from ..family import BuildResult
 from ..focal_criterion import FocalSetCriterion
@@ -16,9 +18,17 @@ __all__ = ["build", "build_deformable_criterion", "build_deformable_weight_dict"
 
 
 def check_settings(
-    settings: MultiScaleSettings, model: str, two_stage: bool = False, with_box_refine: bool = False
+    settings: MultiScaleSettings,
+    model: str,
+    two_stage: bool = False,
+    with_box_refine: bool = False,
+    return_interm_indices: Sequence[int] = (),
 ) -> None:
-    """Flags that do not combine with the deformable family ``model`` (its --model): ValueError naming them."""
+    """Flags that do not combine with the deformable family ``model`` (its --model): ValueError naming them.
+
+    ``return_interm_indices``: the ResNet stages the family takes as levels (DINO), checked against
+    --backbone_stages (Deformable DETR takes the C3-C5 that exist).
+    """
     family = f"--model {model}"
     conflicts = {
         "--masks": settings.masks,
@@ -30,6 +40,13 @@ def check_settings(
     for flag, given in conflicts.items():
         if given:
             raise ValueError(f"{flag} is not supported with {family}; drop one of them")
+    stages = settings.backbone_stages
+    needed = sorted(return_interm_indices)
+    if needed and needed[-1] >= stages:
+        raise ValueError(
+            f"--backbone_stages {stages} keeps ResNet stages 0..{stages - 1} but --return_interm_indices {needed} "
+            f"needs stage {needed[-1]}: raise --backbone_stages or pass --return_interm_indices within 0..{stages - 1}"
+        )
     if two_stage and not with_box_refine:
         raise ValueError("--two_stage needs --with_box_refine (the published two-stage recipe uses both)")
     if settings.hidden_dim % 32:

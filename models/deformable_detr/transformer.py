@@ -312,7 +312,8 @@ class DeformableTransformer(nn.Module):
         num_feature_levels: L.
         dec_n_points / enc_n_points: sampling points per head and level.
         two_stage: queries from the top-scoring encoder proposals (heads attached by DeformableDETR).
-        two_stage_num_proposals: how many proposals become queries (= num_queries).
+        two_stage_num_proposals: how many proposals become queries (= num_queries; all S encoder tokens when
+            S is smaller, see ``models.multiscale.num_selected_queries``).
         attention: kernel of the decoder self-attention ('sdpa' or 'math').
     """
 
@@ -360,7 +361,8 @@ class DeformableTransformer(nn.Module):
 
         Returns:
             (hs [L_dec, B, Q, D], init_reference [B, Q, 2|4], inter_references [L_dec, B, Q, 2|4],
-            enc_outputs_class [B, S, K] or None, enc_outputs_coord_unact [B, S, 4] or None).
+            enc_outputs_class [B, S, K] or None, enc_outputs_coord_unact [B, S, 4] or None). Two-stage with fewer
+            encoder tokens S than queries: Q = S.
         """
         levels = flatten_levels(srcs, masks, pos_embeds, self.level_embed)
         memory = self.encoder(levels)

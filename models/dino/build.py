@@ -21,7 +21,7 @@ def build(settings: DINOSettings, num_classes: int) -> BuildResult:
         ValueError: naming the flags that do not combine (DETR options, --lr_backbone 0, too few
             --num_feature_levels for --return_interm_indices, a label book smaller than the classes).
     """
-    check_settings(settings, "dino")
+    check_settings(settings, "dino", return_interm_indices=settings.return_interm_indices)
     if settings.lr_backbone <= 0:
         raise ValueError("--model dino needs --lr_backbone > 0 (published: the backbone always trains)")
     stage_indices = sorted(settings.return_interm_indices)

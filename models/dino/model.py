@@ -124,7 +124,8 @@ class DINOTransformer(nn.Module):
         Returns:
             (hs: L of [B, pad + Q, D], references: L + 1 of [B, pad + Q, 4], interm: {'pred_logits' [B, Q, K],
             'pred_boxes' [B, Q, 4]} of the selected encoder tokens, interm_pre: the same logits with the sigmoid of
-            the raw proposals).
+            the raw proposals). With fewer encoder tokens S than ``num_queries`` (small images): Q = S, the first S
+            content queries.
         """
         levels = flatten_levels(srcs, masks, pos_embeds, self.level_embed)
         memory = self.encoder(levels)
@@ -132,15 +133,25 @@ class DINOTransformer(nn.Module):
         output_memory, proposals, enc_class, enc_coord_unact = score_encoder_tokens(
             memory, levels, self.enc_output, self.enc_output_norm, self.enc_out_class_embed, self.enc_out_bbox_embed
         )
-        # Mixed query selection: the top-Q tokens by their best class logit give the positions (raises if S < Q).
+        # Mixed query selection: the top-Q tokens by their best class logit give the positions (all S if S < Q).
         coord_unact, selected_memory, selected_proposals = select_top_queries(
             enc_class.max(-1)[0], self.num_queries, enc_coord_unact, output_memory, proposals
         )
+        num_selected = coord_unact.shape[1]
         interm_logits = self.enc_out_class_embed(selected_memory)
         interm = {"pred_logits": interm_logits, "pred_boxes": coord_unact.sigmoid()}
         interm_pre = {"pred_logits": interm_logits, "pred_boxes": selected_proposals.sigmoid()}
         reference_unact = coord_unact.detach()
-        tgt = self.tgt_embed.weight.unsqueeze(0).expand(batch, -1, -1)  # content: learned, not the encoder's
+        content = self.tgt_embed.weight[:num_selected].unsqueeze(0)  # content: learned, not the encoder's
+        if torch.compiler.is_exporting():
+            # A stride-0 (expanded) batch makes F.linear's reshape, or .contiguous(), guard on batch == 1, which
+            # torch.export then bakes into the graph; repeat copies without that test (same values).
+            tgt = content.repeat(batch, 1, 1)
+        else:
+            tgt = content.expand(batch, -1, -1)
+        if self_attn_bias is not None and num_selected < self.num_queries:  # drop the unselected queries' rows
+            size = self_attn_bias.shape[-1] - (self.num_queries - num_selected)
+            self_attn_bias = self_attn_bias[:, :size, :size]
         if dn_boxes_unact is not None:
             reference_unact = torch.cat([dn_boxes_unact.to(reference_unact.dtype), reference_unact], 1)
             tgt = torch.cat([dn_content.to(tgt.dtype), tgt], 1)

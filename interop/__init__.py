@@ -1,0 +1,1 @@
+"""Interoperability with other frameworks' model formats (``interop.hf_detr``: HF transformers DETR families)."""
