@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILY_FLAGS
+from helpers import FAMILY_FLAGS
 
 import models
 from models.matcher import HungarianMatcher

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_FLAGS, parse_tiny_args
+from helpers import FAMILY_FLAGS, parse_tiny_args
 from PIL import Image
 
 import predict
 from models import build_model
+from run.checkpoint import save_checkpoint
 from tools import attention_maps, visualize_attention
 from tools.attention_maps import capture_sampling_points, save_attention_maps
-from run.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FOCAL = ["deformable_detr", "dino"]

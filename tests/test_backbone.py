@@ -9,7 +9,7 @@ import urllib.error
 import pytest
 import torch
 import torchvision
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 from torchvision.ops import FrozenBatchNorm2d
 
 import models

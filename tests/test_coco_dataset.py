@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 from pycocotools import mask as mask_utils
 
 import datasets

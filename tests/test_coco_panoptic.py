@@ -140,7 +140,7 @@ def test_ground_truth_scores_pq_one(synthetic_root, tmp_path):
 @pytest.mark.slow
 def test_two_stage_panoptic_training_logs_pq(synthetic_root, tmp_path):
     """Stage 1 trains the detector on the panoptic data, stage 2 the mask head on it frozen; PQ reaches log.txt."""
-    from conftest import parse_tiny_args
+    from helpers import parse_tiny_args
 
     import main
 

@@ -16,13 +16,13 @@ pytest.importorskip("safetensors")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
-from conftest import parse_tiny_args  # noqa: E402
+from helpers import parse_tiny_args  # noqa: E402
 
 from interop.hf_detr import Arch, MappingError, hf_to_project_state, project_to_hf_state  # noqa: E402
 from interop.hf_folder import checkpoint_to_hf_folder, class_names_from_id2label, hf_folder_to_checkpoint  # noqa: E402
 from models import build_model  # noqa: E402
-from tools.convert_hf import main as convert_main  # noqa: E402
 from run.checkpoint import load_checkpoint  # noqa: E402
+from tools.convert_hf import main as convert_main  # noqa: E402
 from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 TOL = 1e-4

@@ -1,6 +1,6 @@
 """CUDA readiness: a tiny detector on the GPU gives the CPU's numbers (skipped without CUDA).
 
-Covered per model family (parametrised by its flags; a family ``models.build_model`` cannot build yet is skipped):
+Covered per model family (parametrised by its flags; a family that fails to build fails, only a missing GPU skips):
 forward and a full train step (loss, backward, clipping, fused AdamW) in float32, bf16 autocast and fp16 autocast
 with GradScaler; SDPA attention with padding masks against the reference math kernel; channels_last; evaluation
 (PostProcess + COCO metrics through ``engine.evaluate``). The CPU float32 run is the reference. TF32 is switched
@@ -27,7 +27,7 @@ import os
 
 import pytest
 import torch
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 from pycocotools.coco import COCO
 
 import models
@@ -69,15 +69,10 @@ def _strict_float32():
 
 
 def _build(family: str, *extra: str):
-    """(args, CPU model, criterion, postprocessors), seeded; skips a family that cannot be built yet."""
+    """(args, CPU model, criterion, postprocessors), seeded; a family that fails to build fails the test."""
     args = parse_tiny_args("--num_classes", str(NUM_CLASSES), "--lr_backbone", "1e-5", *FAMILIES[family], *extra)
     torch.manual_seed(0)
-    try:
-        model, criterion, postprocessors = models.build_model(args)
-    except Exception as err:  # noqa: BLE001 - any build failure of a family still being written
-        if family == "detr":
-            raise
-        pytest.skip(f"models.build_model cannot build {family} yet: {type(err).__name__}: {err}")
+    model, criterion, postprocessors = models.build_model(args)
     return args, model, criterion, postprocessors
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torchvision
+from helpers import TINY_FLAGS
 
 import models
 from main import get_args_parser
@@ -21,7 +22,6 @@ from models.deformable_detr.transformer import (
     valid_ratios,
 )
 from models.multiscale import build_multiscale_backbone
-from tests.conftest import TINY_FLAGS
 from util.misc import nested_tensor_from_tensor_list
 
 RECIPES = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 
 from models import build_model
 from models.attention import set_attention_kernel

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torchvision
+from helpers import TINY_FLAGS
 
 from main import get_args_parser
 from models import build_model
 from models.box_refinement import DINO_EPS, inverse_sigmoid
-from tests.conftest import TINY_FLAGS
 from util.misc import nested_tensor_from_tensor_list
 
 FIVE_SCALE = ["--num_feature_levels", "5", "--return_interm_indices", "0", "1", "2", "3"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 from oracles import focal_term, giou_cxcywh
 
 import models

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import FAMILY_FLAGS, parse_tiny_args
+from helpers import FAMILY_FLAGS, parse_tiny_args
 
 from models import build_model
 from run.checkpoint import save_checkpoint

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILY_FLAGS, parse_tiny_args
+from helpers import FAMILY_FLAGS, parse_tiny_args
 
 from models import build_model
 from run.checkpoint import save_checkpoint

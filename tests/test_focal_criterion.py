@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 from oracles import focal_term, giou_cxcywh
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 

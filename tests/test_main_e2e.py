@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FAMILY_FLAGS, TINY_FLAGS, parse_tiny_args
+from helpers import FAMILY_FLAGS, TINY_FLAGS, parse_tiny_args
 
 import main as main_module
 import models

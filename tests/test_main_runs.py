@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_FLAGS
+from helpers import TINY_FLAGS
 from test_main_e2e import _args
 
 import main as main_module

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 from oracles import giou_xyxy
 
 from models import build_model

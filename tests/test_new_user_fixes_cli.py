@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_FLAGS, parse_tiny_args
+from helpers import TINY_FLAGS, parse_tiny_args
 from test_main_e2e import DATA_FLAGS, _args
 
 import engine
 import main as main_module
 import util.threads
 from cli.arguments import FAMILY_DEFAULTS, FAMILY_FLAGS, check_family_flags, get_args_parser
-from run.checkpoint import CheckpointError
 from cli.config import EXPLICIT_ATTR, command_line_dests, dump_config
+from run.checkpoint import CheckpointError
 from util.logging import read_log
 
 ROOT = Path(__file__).resolve().parents[1]

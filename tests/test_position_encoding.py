@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 
 import models
 from models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine, build_position_encoding

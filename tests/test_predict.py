@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILY_FLAGS, parse_tiny_args
+from helpers import FAMILY_FLAGS, parse_tiny_args
 from PIL import Image
 
 import predict

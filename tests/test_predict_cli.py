@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 from PIL import Image
 
 import predict

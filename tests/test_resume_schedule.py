@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 from torch import nn
 
 from main import build_optimizer

@@ -49,7 +49,7 @@ R50_MASK_KEYS = {
 
 
 def test_r50_mask_keys_match_published():
-    from conftest import parse_tiny_args
+    from helpers import parse_tiny_args
 
     args = parse_tiny_args(
         "--masks", "--backbone", "resnet50", "--hidden_dim", "256", "--nheads", "8", "--dec_layers", "1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILY_FLAGS, parse_tiny_args
+from helpers import FAMILY_FLAGS, parse_tiny_args
 from torch import nn
 
 import main as main_module

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import parse_tiny_args
+from helpers import parse_tiny_args
 from PIL import Image
 
 import predict

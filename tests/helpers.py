@@ -1,0 +1,41 @@
+"""Helpers the tests import (``from helpers import ...``): tiny model flags that build offline in well under a
+second, the run flags per detector family, and a parser shortcut. Fixtures live in ``conftest.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cli.arguments import get_args_parser  # noqa: E402
+
+TINY_FLAGS = [
+    "--backbone", "resnet18",
+    "--backbone_weights", "none",
+    "--hidden_dim", "32",
+    "--nheads", "2",
+    "--enc_layers", "1",
+    "--dec_layers", "2",
+    "--dim_feedforward", "64",
+    "--num_queries", "10",
+    "--dropout", "0.0",
+    "--device", "cpu",
+    "--num_workers", "0",
+]  # fmt: skip
+
+
+# Run flags per detector family (``--model`` first). DINO refuses --lr_backbone 0 (published: "Please set
+# lr_backbone > 0"), so its runs train the backbone slowly; few detections and denoising queries keep them fast.
+FAMILY_FLAGS = {
+    "detr": ("--model", "detr"),
+    "deformable_detr": ("--model", "deformable_detr"),
+    "dino": ("--model", "dino", "--lr_backbone", "1e-5", "--num_select", "20", "--dn_number", "4"),
+}
+
+
+def parse_tiny_args(*extra: str):
+    """Parse the tiny model flags plus ``extra`` (later flags win)."""
+    return get_args_parser().parse_args([*TINY_FLAGS, *extra])
