@@ -1,11 +1,14 @@
-"""DETR training and evaluation entry point (`python main.py --help`).
+"""Training and evaluation of every detector family (`python main.py --model NAME --help`).
 
-The command line is the published one; flags after "new in this project" are additions.
+The command line is the published one of each family; flags after "new in this project" are additions. The
+parsed flags are complete when ``parse_args`` returns (config file, family defaults, a resumed checkpoint's
+family) and are never written to afterwards: what the run learns lives in a ``run.context.RunContext``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -22,16 +25,18 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 from cli.arguments import check_family_flags, get_args_parser
 from cli.config import (
-    EXPLICIT_ATTR,
     UsageError,
     apply_config,
     command_line_dests,
     dump_config,
     explicit_dests,
+    explicit_of,
     is_explicit,
     parse_args_with_config,
 )
+from run import distributed as run_distributed
 from run.checkpoint import CheckpointError, save_checkpoint
+from run.context import RunContext
 from run.family import adopt_checkpoint_family
 from run.preemption import PreemptionHandler, requeue_slurm_job
 from run.run_dir import check_new_run_dir, next_free_run_dir, resume_command
@@ -93,7 +98,8 @@ class ResumableBatchSampler(BatchSampler):
         return itertools.islice(super().__iter__(), skip, None)
 
 
-def build_data_loaders(args: argparse.Namespace, dataset_train, dataset_val, device: torch.device):
+def build_data_loaders(args: argparse.Namespace, dataset_train, dataset_val, device: torch.device,
+                       distributed: bool = False):  # fmt: skip
     """(train loader or None, val loader): distributed or random/sequential sampling, padded collation."""
     common = dict(
         collate_fn=functools.partial(collate_fn, size_divisibility=args.size_divisibility),
@@ -101,13 +107,13 @@ def build_data_loaders(args: argparse.Namespace, dataset_train, dataset_val, dev
         pin_memory=device.type == "cuda",
         persistent_workers=args.num_workers > 0,
     )
-    sampler_val = DistributedSampler(dataset_val, shuffle=False) if args.distributed else SequentialSampler(dataset_val)
+    sampler_val = DistributedSampler(dataset_val, shuffle=False) if distributed else SequentialSampler(dataset_val)
     loader_val = DataLoader(
         dataset_val, args.eval_batch_size or args.batch_size, sampler=sampler_val, drop_last=False, **common
     )
     if dataset_train is None:
         return None, loader_val
-    if args.distributed:
+    if distributed:
         sampler_train = DistributedSampler(dataset_train, seed=args.seed)
     else:
         sampler_train = RandomSampler(dataset_train, generator=torch.Generator())
@@ -248,59 +254,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         log.warning("warning: %s on the command line overrides dataset_file: synthetic of %s; using --dataset_file "
                     "coco", " ".join(paths), args.config)  # fmt: skip
         args.dataset_file = "coco"
+    return finish_parsing(args)
+
+
+def finish_parsing(args: argparse.Namespace) -> argparse.Namespace:
+    """The last steps of parsing: a ``--resume`` without ``--model`` takes the checkpoint's family, then flags only
+    other families read are refused (after the YAML, the family defaults and that family are final).
+
+    Raises:
+        UsageError: a flag the family does not read (one line naming it and the family that does).
+    """
+    adopt_checkpoint_family(args)
+    try:
+        check_family_flags(args, command_line_dests(args), explicit_of(args))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return args
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train and/or evaluate DETR as described by ``args``; returns the last evaluation's stats.
+def main(args: argparse.Namespace, argv: list[str] | None = None) -> dict[str, Any]:
+    """Train and/or evaluate the detector ``args`` describes; returns the last evaluation's stats.
+
+    Args:
+        args: ``parse_args(argv)``; a Namespace built in Python (``get_args_parser().parse_args([...])``) is
+            completed here on a copy (its ``--config``, a resumed checkpoint's family), never changed.
+        argv: the command line, for the exact command that resumes the run after a preemption.
 
     Raises:
         SystemExit: training stopped on a non-finite loss (no checkpoint written for that epoch).
     """
     from engine import NonFiniteLossError
 
-    args.start_time = time.time()  # wall-clock origin of 'elapsed_time' in log.txt (set-up included)
-    if not hasattr(args, "_explicit"):
-        apply_config(args, get_args_parser())  # a Namespace built in Python: apply its --config here
-    rank, _, local_rank = dist_utils.launcher_ranks()
+    start_time = time.time()
+    if not explicit_of(args):  # not from parse_args: finish parsing a copy
+        args = finish_parsing(apply_config(argparse.Namespace(**vars(args)), get_args_parser()))
+    rank, _, local_rank = run_distributed.launcher_ranks()
     setup_console(rank == 0)
-    device = dist_utils.select_device(args.device, is_explicit(args, "device"), local_rank)
-    args.device = str(device)
+    device = run_distributed.select_device(args.device, is_explicit(args, "device"), local_rank)
     try:
-        threads, why = choose_threads(getattr(args, "threads", None), device.type, args.num_workers)
+        threads, why = choose_threads(args.threads, device.type, args.num_workers)
     except ValueError as e:
         raise UsageError(str(e)) from None
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     log.info("device %s, %d intra-op CPU thread%s (%s)%s", device, threads, "s" if threads > 1 else "", why,
              busy_hint(threads) if device.type == "cpu" and why != "--threads" else "")  # fmt: skip
-    dist_utils.init_distributed_mode(args, device)
+    ctx = RunContext(device, run_distributed.init_distributed_mode(device, args.dist_url, args.dist_timeout), argv,
+                     start_time)  # fmt: skip
     try:
-        return _run(args, device)
+        return _run(args, ctx)
     except NonFiniteLossError as e:
         raise SystemExit(f"error: training stopped: {e}; the last saved checkpoint is left as it was") from None
     except RuntimeError as e:  # a collective failed (dead/hung rank, after --dist_timeout): name the rank
-        failure = dist_utils.peer_failure(e)
+        failure = run_distributed.peer_failure(e)
         if failure is None:
             raise
-        dist_utils.exit_after_peer_failure(failure)
+        run_distributed.exit_after_peer_failure(failure)
     finally:
-        dist_utils.cleanup()
+        run_distributed.cleanup()
         torch.set_num_threads(threads_before)  # main() called from Python leaves the caller's setting
 
 
-def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _run(args: argparse.Namespace, ctx: RunContext) -> dict[str, Any]:
     import datasets
     import models
     from engine import evaluate
 
+    device = ctx.device
     if args.frozen_weights is not None and not args.masks:
         raise UsageError("--frozen_weights is for the segmentation stage only: add --masks")
-    adopt_checkpoint_family(args)  # --resume without --model: build the checkpoint's family
-    try:  # after the family is final (YAML, family defaults, a resumed checkpoint's family)
-        check_family_flags(args, command_line_dests(args), getattr(args, EXPLICIT_ATTR, frozenset()))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if args.resume == "auto" and not args.output_dir:
         raise UsageError("--resume auto continues from the checkpoints of --output_dir: pass --output_dir")
     is_main = dist_utils.is_main_process()
@@ -311,16 +333,18 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(args.seed + dist_utils.get_rank())
 
-    args.num_classes = datasets.num_classes_for(args)
-    backbone_weights = args.backbone_weights
-    if args.resume and args.resume != "auto" and backbone_weights == "imagenet":
-        args.backbone_weights = "none"  # the checkpoint overwrites them: no download (offline runs work)
+    data = datasets.data_settings(args)
+    ctx.num_classes = datasets.num_classes_for(data)
+    data = dataclasses.replace(data, num_classes=ctx.num_classes)
+    record = ctx.record(args)  # the flags as resolved here: written to checkpoints and config files
+    build_flags = record
+    if args.resume and args.resume != "auto" and args.backbone_weights == "imagenet":
+        # The checkpoint overwrites the backbone: no download (offline runs work).
+        build_flags = argparse.Namespace(**{**vars(record), "backbone_weights": "none"})
     try:
-        model, criterion, postprocessors = models.build_model(args)
+        model, criterion, postprocessors = models.build_model(build_flags, ctx.num_classes)
     except ValueError as e:  # flags that do not fit together, e.g. --masks with --backbone_stages 2
         raise UsageError(str(e)) from None
-    finally:
-        args.backbone_weights = backbone_weights  # stored and written as the run's configuration
     model.to(device)
     criterion.to(device)
     model_without_ddp = model
@@ -328,7 +352,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         apply_channels_last(model_without_ddp)
     if args.compile:  # in place: state-dict keys are unchanged; padded sizes (size_divisibility) give static shapes
         compile_model(model_without_ddp, dynamic=None if args.size_divisibility == 1 else False)
-    if args.distributed:
+    if ctx.dist.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
@@ -339,10 +363,12 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         scaler = make_grad_scaler(args.amp, device.type)
     except ValueError as e:  # e.g. --amp fp16 on a CPU
         raise UsageError(str(e)) from None
-    state = TrainState(model_without_ddp, optimizer, build_lr_scheduler(optimizer, args), scaler)
-    dataset_val = datasets.build_dataset("val", args)
-    dataset_train = None if args.eval else datasets.build_dataset("train", args)
-    loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device)
+    state = TrainState(
+        model_without_ddp, optimizer, build_lr_scheduler(optimizer, args), scaler, start_epoch=args.start_epoch
+    )
+    dataset_val = datasets.build_dataset("val", data)
+    dataset_train = None if args.eval else datasets.build_dataset("train", data)
+    loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device, ctx.dist.distributed)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)  # panoptic: its instance annotations (box AP)
     if base_ds is not None and base_ds.dataset.get("categories"):
         state.class_names = {int(c["id"]): str(c["name"]) for c in base_ds.dataset["categories"] if "name" in c}
@@ -355,7 +381,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     if output_dir is not None and is_main:  # the run's configuration: a resume's position is not part of it
         # An evaluation never rewrites the training run's config.yaml (--config run/config.yaml would only evaluate).
         name = "eval_config.yaml" if args.eval else "config.yaml"
-        dump_config(args, get_args_parser(), output_dir / name, exclude=("resume", "start_epoch"))
+        dump_config(record, get_args_parser(), output_dir / name, exclude=("resume", "start_epoch"))
     eval_kwargs = dict(
         progress=not args.no_progress, max_iters=args.max_iters_per_epoch, amp=args.amp, eval_backend=args.eval_backend
     )
@@ -363,7 +389,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         evaluate, model, criterion, postprocessors, loader_val, base_ds, device, args.output_dir, **eval_kwargs
     )
     if not args.eval:
-        return _train(args, device, model, criterion, state, loader_train, evaluate_now, n_parameters, start_iteration)
+        return _train(args, ctx, record, model, criterion, state, loader_train, evaluate_now, n_parameters,
+                      start_iteration)  # fmt: skip
     test_stats, coco_evaluator = evaluate_now()
     if is_main:
         metrics = _metrics_line(test_stats)
@@ -377,8 +404,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return test_stats
 
 
-def _train(args, device, model, criterion, state: TrainState, loader_train, evaluate_now, n_parameters: int,
-           start_iteration: int) -> dict[str, Any]:  # fmt: skip
+def _train(args, ctx: RunContext, record: argparse.Namespace, model, criterion, state: TrainState, loader_train,
+           evaluate_now, n_parameters: int, start_iteration: int) -> dict[str, Any]:  # fmt: skip
+    """The epoch loop: train, checkpoint, evaluate, log; ``record`` is what checkpoints store as the run's flags."""
+    device = ctx.device
     from datasets import skipped_samples
     from engine import train_one_epoch
 
@@ -392,13 +421,13 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
             for path in paths:
                 save_checkpoint(ckpt, path)
 
-    log.info("start training: epochs %d..%d, %d iterations each", args.start_epoch, args.epochs - 1, n_iters)
+    log.info("start training: epochs %d..%d, %d iterations each", state.start_epoch, args.epochs - 1, n_iters)
     test_stats: dict[str, Any] = {}
     preemption = PreemptionHandler().install()
     try:
-        for epoch in range(args.start_epoch, args.epochs):
+        for epoch in range(state.start_epoch, args.epochs):
             epoch_start = time.time()
-            skip = start_iteration if epoch == args.start_epoch else 0
+            skip = start_iteration if epoch == state.start_epoch else 0
             begin_epoch(loader_train, epoch, args.seed, skip)
             tracker = state.epoch_tracker(resuming=skip > 0)
             skipped_before = skipped_samples(loader_train.dataset)
@@ -408,7 +437,7 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
                 stop = preemption.requested_on_any_rank(device)
                 periodic = args.checkpoint_every > 0 and done % args.checkpoint_every == 0 and done < n_iters
                 if (stop or periodic) and output_dir is not None:
-                    ckpt = state.checkpoint(args, epoch - 1, iteration=done, metrics=tracker)
+                    ckpt = state.checkpoint(record, epoch - 1, iteration=done, metrics=tracker)
                     save(ckpt, [output_dir / "checkpoint.pth"])
                 return stop
 
@@ -419,7 +448,7 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
                 tracker=tracker,
             )  # fmt: skip
             if preemption.requested:
-                how = resume_command(getattr(args, "_argv", None), "python main.py") if output_dir else None
+                how = resume_command(ctx.argv, "python main.py") if output_dir else None
                 log.info("stopped by %s during epoch %d; %s", preemption.signal_name, epoch,
                          f"continue with: {how}" if how else "nothing was saved (no --output_dir)")  # fmt: skip
                 if not preemption.forward_to_previous():  # submitit's own handler requeues when there is one
@@ -427,7 +456,7 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
                 return test_stats
             state.lr_scheduler.step()
             if output_dir is not None:
-                save(state.checkpoint(args, epoch), checkpoint_paths(output_dir, epoch, args.lr_drop))
+                save(state.checkpoint(record, epoch), checkpoint_paths(output_dir, epoch, args.lr_drop))
 
             log_stats: dict[str, Any] = {f"train_{k}": v for k, v in train_stats.items()}
             skipped = skipped_samples(loader_train.dataset) - skipped_before
@@ -444,14 +473,14 @@ def _train(args, device, model, criterion, state: TrainState, loader_train, eval
                     _write_eval_outputs(output_dir, coco_evaluator, epoch)
             now = time.time()
             log_stats.update(epoch=epoch, n_parameters=n_parameters, epoch_time=now - epoch_start)
-            log_stats.update(elapsed_time=now - args.start_time)
+            log_stats.update(elapsed_time=now - ctx.start_time)
             logger.log_epoch(log_stats)
             log.info("epoch %d: %s (%.1f s)", epoch, _summary(log_stats), log_stats["epoch_time"])
     finally:
         preemption.restore()
         logger.close()
 
-    log.info("total time %.1f s", time.time() - args.start_time)
+    log.info("total time %.1f s", time.time() - ctx.start_time)
     if "coco_eval_bbox" in test_stats:
         log.info("final COCO AP (IoU 0.50:0.95) on %s: %.3f", _eval_scope(test_stats), test_stats["coco_eval_bbox"][0])
     if "coco_eval_masks" in test_stats or "PQ_all" in test_stats:
@@ -478,11 +507,16 @@ def cli(argv: list[str] | None = None) -> None:
             argv += ["--output_dir", str(demo_dir)]
         print(f"no arguments: running the demo ({DEMO_CONFIG}) into {demo_dir}; see --help for COCO training",
               flush=True)  # fmt: skip
-    errors = (UsageError, CheckpointError, DatasetError, dist_utils.DeviceError, WeightsUnavailableError, FinetuneError)
+    errors = (
+        UsageError,
+        CheckpointError,
+        DatasetError,
+        run_distributed.DeviceError,
+        WeightsUnavailableError,
+        FinetuneError,
+    )
     try:
-        args = parse_args(argv)
-        args._argv = argv  # for the exact command that resumes this run
-        main(args)
+        main(parse_args(argv), argv)
     except errors as e:
         sys.exit(f"error: {e}")
 

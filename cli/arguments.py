@@ -1,9 +1,8 @@
-"""The command line of every DETR-family detector: the published DETR flags, the published Deformable DETR and
-DINO flags, and this project's additions.
+"""The command line of every detector family: the published flags of each family and this project's additions.
 
-``--model detr|deformable_detr|dino`` selects the family. Every flag the user did not give takes that family's
-published default (``FAMILY_DEFAULTS``), already in ``get_args_parser().parse_args(argv)``; flags given on the
-command line (or in a ``--config`` YAML) always win.
+``--model NAME`` selects the family (``models.FAMILIES``). Every flag the user did not give takes that family's
+published default (``Family.defaults``), already in ``get_args_parser().parse_args(argv)``; flags given on the
+command line (or in a ``--config`` YAML) always win. A flag only other families read is a one-line error.
 """
 
 from __future__ import annotations
@@ -15,90 +14,59 @@ import sys
 from collections.abc import Collection, Sequence
 from typing import Any, NoReturn
 
+from models import FAMILIES
+from models.family import Family
+
 __all__ = [
-    "FAMILY_DEFAULTS",
-    "FAMILY_FLAGS",
     "FamilyArgumentParser",
     "apply_family_defaults",
     "check_family_flags",
     "family_flag_error",
+    "family_only_flags",
     "get_args_parser",
 ]
 
-# Published defaults of each family that differ from DETR's (the parser's own defaults are DETR's).
-# Deformable DETR: the authors' main.py / configs; DINO: config/DINO/DINO_4scale.py (see ../shared/DESIGN_*.md).
-_DEFORMABLE = {
-    "lr": 2e-4,
-    "lr_backbone": 2e-5,
-    "lr_backbone_names": ["backbone.0"],
-    "lr_linear_proj_names": ["reference_points", "sampling_offsets"],
-    "epochs": 50,
-    "lr_drop": 40,
-    "dim_feedforward": 1024,
-    "num_queries": 300,
-    "set_cost_class": 2.0,
-    "cls_loss_coef": 2.0,
-}
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "detr": {},
-    "deformable_detr": _DEFORMABLE,
-    "dino": {
-        **_DEFORMABLE,
-        "lr": 1e-4,
-        "lr_backbone": 1e-5,
-        "epochs": 12,
-        "lr_drop": 11,
-        "dim_feedforward": 2048,
-        "dropout": 0.0,
-        "num_queries": 900,
-        "cls_loss_coef": 1.0,
-        "position_embedding_scale": 2 * math.pi,
-    },
-}
 _UNSET = object()
 
-# Flags only some families read (destination -> those families), from each family's build: models/deformable_detr.py,
-# models/dino.py, models/position_encoding.py and the focal criteria. Every flag not listed is read by all families
-# (the optimizer flags --lr_backbone_names, --sgd, ... by main.build_optimizer) or is a published DETR flag, which
-# stays accepted everywhere. Giving a listed flag to another family is an error (check_family_flags).
-_MULTISCALE = ("deformable_detr", "dino")
-FAMILY_FLAGS: dict[str, tuple[str, ...]] = {
-    "num_feature_levels": _MULTISCALE,
-    "enc_n_points": _MULTISCALE,
-    "dec_n_points": _MULTISCALE,
-    "position_embedding_scale": _MULTISCALE,
-    "cls_loss_coef": _MULTISCALE,
-    "focal_alpha": _MULTISCALE,
-    "with_box_refine": ("deformable_detr",),
-    "two_stage": ("deformable_detr",),
-    "return_interm_indices": ("dino",),
-    "pe_temperatureH": ("dino",),
-    "pe_temperatureW": ("dino",),
-    "dn_number": ("dino",),
-    "dn_label_noise_ratio": ("dino",),
-    "dn_box_noise_scale": ("dino",),
-    "dn_labelbook_size": ("dino",),
-    "num_select": ("dino",),
-    "interm_loss_coef": ("dino",),
-    "no_interm_box_loss": ("dino",),
-}
-_FAMILY_NAMES = {"detr": "DETR", "deformable_detr": "Deformable DETR", "dino": "DINO"}
-# DINO always selects encoder proposals (two-stage) and refines boxes layer by layer; the published DINO code has
-# neither flag.
-_DINO_BUILT_IN = {"two_stage": "always two-stage", "with_box_refine": "always refines boxes layer by layer"}
+
+def _family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"--model {name}: expected one of {tuple(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_only_flags() -> dict[str, tuple[str, ...]]:
+    """Flags some families read and others do not: destination -> the families whose settings read it.
+
+    Published DETR flags are left out: every published family parser has them, so they stay accepted everywhere
+    (a family refuses the ones it cannot build with in its own ``build``).
+    """
+    published = _published_detr_dests()
+    readers: dict[str, list[str]] = {}
+    for name, family in FAMILIES.items():
+        for dest in family.flags:
+            readers.setdefault(dest, []).append(name)
+    return {
+        dest: tuple(names)
+        for dest, names in sorted(readers.items())
+        if len(names) < len(FAMILIES) and dest not in published
+    }
 
 
 def family_flag_error(dests: Sequence[str], family: str) -> str:
     """The one-line message for flags in ``dests`` (in order) that ``--model family`` does not read."""
     first = dests[0]
-    if family == "dino" and first in _DINO_BUILT_IN:
-        return f"--{first} is a Deformable DETR flag: DINO is {_DINO_BUILT_IN[first]}; drop --{first} (--model is dino)"
-    owners = " / ".join(_FAMILY_NAMES[f] for f in FAMILY_FLAGS[first])
+    refused = _family(family).refused_flags
+    if first in refused:
+        return f"--{first} is {refused[first]} (--model is {family})"
+    table = family_only_flags()
+    owners = table.get(first, ())
+    titles = " / ".join(FAMILIES[f].title for f in owners)
     # Suggest the families that read every flag given (else those of the first).
-    common = [f for f in FAMILY_FLAGS[first] if all(f in FAMILY_FLAGS[d] for d in dests)] or FAMILY_FLAGS[first]
+    common = [f for f in owners if all(f in table.get(d, ()) for d in dests)] or owners
     suggestion = " or ".join(f"--model {f}" for f in common)
     ignored = ", ".join(f"--{d}" for d in dests)
-    return f"--{first} is a {owners} flag: add {suggestion} (--model is {family}, which ignores {ignored})"
+    return f"--{first} is a {titles} flag: add {suggestion} (--model is {family}, which ignores {ignored})"
 
 
 def check_family_flags(
@@ -107,7 +75,8 @@ def check_family_flags(
     from_config: Collection[str] = (),
     defaults: dict[str, Any] | None = None,
 ) -> None:
-    """Raise ValueError (one line) when a flag of ``FAMILY_FLAGS`` is given but ``args.model`` does not read it.
+    """Raise ValueError (one line) when a flag is given that ``args.model`` does not read (``family_only_flags``)
+    or refuses (``Family.refused_flags``).
 
     Args:
         command_line: destinations given on the command line: always checked.
@@ -115,25 +84,38 @@ def check_family_flags(
             parser default, so a run's own dumped config.yaml (which lists every flag) stays loadable.
         defaults: destination -> parser default (default: ``get_args_parser()``'s).
     """
-    family = getattr(args, "model", "detr")
+    family = _family(args.model)
+    actions = get_args_parser()._actions
     if defaults is None:
-        defaults = {a.dest: a.default for a in get_args_parser()._actions}
+        defaults = {a.dest: a.default for a in actions}
+    foreign = {d for d in family_only_flags() if d not in family.flags} | set(family.refused_flags)
+    values = vars(args)
     given = [
-        dest for dest, families in FAMILY_FLAGS.items()
-        if family not in families and hasattr(args, dest)
-        and (dest in command_line or (dest in from_config and getattr(args, dest) != defaults.get(dest)))
+        a.dest for a in actions
+        if a.dest in foreign and a.dest in values
+        and (a.dest in command_line or (a.dest in from_config and values[a.dest] != defaults.get(a.dest)))
     ]  # fmt: skip
+    given.sort(key=lambda d: d not in family.refused_flags)  # stable: otherwise in the parser's order
     if given:
-        raise ValueError(family_flag_error(given, family))
+        raise ValueError(family_flag_error(given, args.model))
 
 
 def apply_family_defaults(args: argparse.Namespace, explicit: set[str] | frozenset[str]) -> argparse.Namespace:
-    """Set every destination not in ``explicit`` to ``args.model``'s published default (in place)."""
-    family = getattr(args, "model", "detr")
-    for dest, value in FAMILY_DEFAULTS[family].items():
+    """Set every destination not in ``explicit`` to ``args.model``'s published default (``Family.defaults``).
+
+    The one place family defaults are applied (the parser, a YAML's ``model:`` and a resumed checkpoint's family
+    all come here). Part of parsing: it fills the Namespace being built.
+    """
+    for dest, value in _family(args.model).defaults.items():
         if dest not in explicit:
             setattr(args, dest, list(value) if isinstance(value, list) else value)
     return args
+
+
+def _published_detr_dests() -> frozenset[str]:
+    """Destinations of the published DETR flags (the parser's ungrouped options)."""
+    parser = get_args_parser()
+    return frozenset(a.dest for a in parser._optionals._group_actions if a.dest != "help")
 
 
 class FamilyArgumentParser(argparse.ArgumentParser):
@@ -173,7 +155,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description="Train and evaluate DETR-family detectors: DETR, Deformable DETR and DINO (--model).",
         add_help=add_help,
     )
-    parser.add_argument("--model", default="detr", choices=tuple(FAMILY_DEFAULTS),
+    parser.add_argument("--model", default="detr", choices=tuple(FAMILIES),
                         help="detector family; every flag not given takes that family's published default")  # fmt: skip
     parser.add_argument("--lr", default=1e-4, type=float)
     parser.add_argument("--lr_backbone", default=1e-5, type=float)
@@ -189,7 +171,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="detector checkpoint to freeze; only the mask head trains (segmentation stage 2)",
     )
-    parser.add_argument("--backbone", default="resnet50", type=str, help="torchvision ResNet: resnet18/34/50/101")
+    parser.add_argument("--backbone", default="resnet50", type=str,
+                        help="ResNet: resnet18/34/50/101 (rtdetrv2: presnet18vd/34vd/50vd/101vd); Swin (detr, "
+                        "deformable_detr, dino): swin_T_224_1k, swin_B_224_22k, swin_B_384_22k, swin_L_224_22k, "
+                        "swin_L_384_22k; or timm:NAME (any timm features_only model)")  # fmt: skip
     parser.add_argument(
         "--dilation",
         action="store_true",
@@ -252,6 +237,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     _add_project_flags(parser)
     _add_family_flags(parser)
+    _add_rtdetr_flags(parser)
     return parser
 
 
@@ -261,7 +247,10 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", default=None, help="YAML file of flag values (command-line flags override it)")
     # Model
     group.add_argument("--backbone_weights", default="imagenet",
-                       help="'imagenet' (torchvision download, published), 'none' (random) or a .pth")  # fmt: skip
+                       help="'imagenet' (torchvision ResNet download, published), 'none' (random) or a local .pth: a "
+                       "torchvision ResNet, a published ImageNet Swin file or a timm state dict")  # fmt: skip
+    group.add_argument("--use_checkpoint", action="store_true",
+                       help="activation checkpointing in the Swin / timm backbone (published DINO flag)")  # fmt: skip
     group.add_argument("--backbone_stages", default=4, type=int, choices=(2, 3, 4),
                        help="ResNet stages kept: 4 (published, stride 32), 3 (stride 16), 2 (stride 8)")  # fmt: skip
     group.add_argument("--num_classes", default=None, type=int, help="override (default: max category id + 1)")
@@ -353,3 +342,56 @@ def _add_family_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num_select", default=300, type=int, help="DINO: detections kept per image")
     group.add_argument("--interm_loss_coef", default=1.0, type=float, help="DINO: weight of the encoder losses")
     group.add_argument("--no_interm_box_loss", action="store_true", help="DINO: no box losses on encoder outputs")
+
+
+def _add_rtdetr_flags(parser: argparse.ArgumentParser) -> None:
+    """The RT-DETRv2 flags (rtdetrv2_pytorch names; its defaults: ``models.rtdetrv2.DEFAULTS``).
+
+    The solver flags (weight decay of norms and biases, EMA, warm-up, SyncBatchNorm) are read by the training loop
+    for every family; their parser defaults keep the other families' published behaviour (no EMA, no warm-up).
+    """
+    group = parser.add_argument_group("RT-DETRv2 (published names)")
+    # Model
+    group.add_argument("--freeze_at", default=0, type=int,
+                       help="RT-DETRv2: freeze the PResNet stem and first N stages (-1: none)")  # fmt: skip
+    group.add_argument("--freeze_norm", dest="freeze_norm", default=True, action="store_true",
+                       help="RT-DETRv2: FrozenBatchNorm2d in the backbone (default)")  # fmt: skip
+    group.add_argument("--no_freeze_norm", dest="freeze_norm", action="store_false",
+                       help="RT-DETRv2: trainable BatchNorm2d in the backbone (r18vd / r34vd recipes)")  # fmt: skip
+    group.add_argument("--enc_hidden_dim", default=256, type=int, help="RT-DETRv2: hybrid encoder width")
+    group.add_argument("--enc_dim_feedforward", default=1024, type=int,
+                       help="RT-DETRv2: feed-forward size of the encoder's AIFI layer")  # fmt: skip
+    group.add_argument("--enc_expansion", default=1.0, type=float,
+                       help="RT-DETRv2: width factor of the encoder's CSP blocks")  # fmt: skip
+    group.add_argument("--eval_idx", default=-1, type=int,
+                       help="RT-DETRv2: decoder layer whose boxes evaluation returns (-1: the last)")  # fmt: skip
+    group.add_argument("--eval_spatial_size", default=[640, 640], type=int, nargs="*", metavar="N",
+                       help="RT-DETRv2: H W of evaluation inputs, whose anchors are saved buffers (no values: "
+                       "anchors per input)")  # fmt: skip
+    # Solver (every family; the parser defaults are the published behaviour of DETR, Deformable DETR and DINO)
+    group.add_argument("--norm_weight_decay", default=None, type=float,
+                       help="weight decay of normalisation-layer parameters (default: --weight_decay)")  # fmt: skip
+    group.add_argument("--bias_weight_decay", default=None, type=float,
+                       help="weight decay of encoder/decoder biases (default: --weight_decay)")  # fmt: skip
+    group.add_argument("--ema_decay", default=0.0, type=float,
+                       help="EMA of the weights with this decay, evaluated and checkpointed (0: off)")  # fmt: skip
+    group.add_argument("--ema_warmups", default=2000, type=int,
+                       help="EMA decay ramp: decay x (1 - exp(-updates / N))")  # fmt: skip
+    group.add_argument("--warmup_iters", default=0, type=int,
+                       help="linear learning-rate warm-up over N optimizer steps (0: off)")  # fmt: skip
+    group.add_argument("--sync_bn", dest="sync_bn", default=False, action="store_true",
+                       help="SyncBatchNorm under distributed training")  # fmt: skip
+    group.add_argument("--no_sync_bn", dest="sync_bn", action="store_false", help="no SyncBatchNorm")
+    # Data (RT-DETRv2's transforms.v2 pipeline)
+    group.add_argument("--aug_stop_epoch", default=71, type=int,
+                       help="RT-DETRv2: first epoch without photometric distortion, zoom-out and IoU crop")  # fmt: skip
+    group.add_argument("--multiscale_sizes", default=[480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800],
+                       type=int, nargs="*", metavar="S",
+                       help="RT-DETRv2: square sizes drawn per training batch (no values: off)")  # fmt: skip
+    group.add_argument("--multiscale_stop_epoch", default=71, type=int,
+                       help="RT-DETRv2: first epoch at the fixed training size")  # fmt: skip
+    group.add_argument("--remap_mscoco_category", dest="remap_mscoco_category", default=True, action="store_true",
+                       help="RT-DETRv2: labels = index of the category id among the dataset's sorted ids (COCO: "
+                       "0..79), mapped back in the detections (default)")  # fmt: skip
+    group.add_argument("--no_remap_mscoco_category", dest="remap_mscoco_category", action="store_false",
+                       help="RT-DETRv2: labels = the category ids")  # fmt: skip

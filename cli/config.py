@@ -150,6 +150,11 @@ def is_explicit(args: argparse.Namespace, dest: str) -> bool:
     return dest in getattr(args, EXPLICIT_ATTR, ())
 
 
+def explicit_of(args: argparse.Namespace) -> frozenset[str]:
+    """The destinations set on the command line or in the config file (empty when not recorded)."""
+    return frozenset(getattr(args, EXPLICIT_ATTR, ()))
+
+
 def command_line_dests(args: argparse.Namespace) -> frozenset[str]:
     """The destinations given on the command line (all explicit ones when that was not recorded)."""
     return getattr(args, COMMAND_LINE_ATTR, getattr(args, EXPLICIT_ATTR, frozenset()))

@@ -169,11 +169,11 @@ def _resnet_of(state: Mapping[str, Tensor], body: str) -> str:
 def _check_convertible(args: argparse.Namespace, arch: Arch) -> None:
     """Flags that change the outputs without weights and have no HF equivalent."""
     problems = {
-        "--spatial_prior": getattr(args, "spatial_prior", "none") != "none",
-        "--box_refine": bool(getattr(args, "box_refine", False)),
-        "--backbone_stages": getattr(args, "backbone_stages", 4) != 4,
+        "--spatial_prior": args.spatial_prior != "none",
+        "--box_refine": bool(args.box_refine),
+        "--backbone_stages": args.backbone_stages != 4,
         "--position_embedding_scale": arch.family != "detr"
-        and not math.isclose(getattr(args, "position_embedding_scale", 2 * math.pi), 2 * math.pi),
+        and not math.isclose(args.position_embedding_scale, 2 * math.pi),
     }
     bad = [flag for flag, wrong in problems.items() if wrong]
     if bad:
@@ -192,7 +192,7 @@ def hf_config_kwargs(state: Mapping[str, Tensor], args: argparse.Namespace, arch
     id2label = {i: names.get(i, "N/A") for i in range(classes)} if names else {i: f"LABEL_{i}" for i in range(classes)}
     kwargs: dict[str, Any] = dict(
         use_timm_backbone=True, backbone=_resnet_of(state, f"{o}backbone.0.body."), use_pretrained_backbone=False,
-        dilation=bool(getattr(args, "dilation", False)), num_channels=3, d_model=hidden[1], encoder_ffn_dim=hidden[0],
+        dilation=bool(args.dilation), num_channels=3, d_model=hidden[1], encoder_ffn_dim=hidden[0],
         decoder_ffn_dim=hidden[0], encoder_layers=arch.enc_layers, decoder_layers=arch.dec_layers,
         encoder_attention_heads=args.nheads, decoder_attention_heads=args.nheads, activation_function="relu",
         dropout=float(args.dropout), position_embedding_type="learned" if arch.learned_pos else "sine",
@@ -219,8 +219,8 @@ def checkpoint_to_hf_folder(checkpoint: Mapping[str, Any], folder: str | Path) -
     """Write one of our checkpoints (DETR, DETR --masks, Deformable DETR) as an HF ``save_pretrained`` folder."""
     from cli.arguments import get_args_parser
     from run.checkpoint import checkpoint_args_to_namespace
-    from util.class_names import resolve_class_names
     from run.model_loading import checkpoint_family
+    from util.class_names import resolve_class_names
 
     if not isinstance(checkpoint.get("model"), Mapping):
         raise MappingError("checkpoint has no 'model' state dict")

@@ -40,6 +40,10 @@ class Family:
         architecture: flag values a state dict implies (layer counts, widths, class count, switches); None where
             the weights do not say. Used to rebuild a model from a checkpoint without its stored flags.
         hub_recipes: torch.hub entry name -> the flag values of that published recipe (hubconf.py).
+        refused_flags: flags of other families this one refuses with its own reason (flag destination -> the
+            rest of the one-line error, e.g. "DINO is always two-stage; drop --two_stage").
+        keep_initial_heads: fine-tuning keeps the freshly built values of re-initialised heads instead of
+            ``reset_parameters`` (their initialisation is special, e.g. the focal-loss prior of sigmoid heads).
     """
 
     name: str
@@ -51,6 +55,8 @@ class Family:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     default_num_classes: Mapping[str, int] = field(default_factory=lambda: {"coco": 91})
     hub_recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    refused_flags: Mapping[str, str] = field(default_factory=dict)
+    keep_initial_heads: bool = False
 
     def __post_init__(self) -> None:
         if not dataclasses.is_dataclass(self.settings):

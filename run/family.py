@@ -1,40 +1,21 @@
-"""Which detector family (``--model``) a checkpoint holds, and adopting it when the user did not say.
+"""The family a run builds when the user did not say: ``--resume`` without ``--model`` takes the checkpoint's.
 
-Checkpoints of this project store every flag, ``model`` included. Published files store an argparse.Namespace
-without ``model`` (DETR, Deformable DETR) or with DINO's ``modelname``; their state-dict keys decide then.
+Part of parsing (``main.parse_args``): it completes the Namespace before anything reads it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Mapping
-from typing import Any
 
-from cli.arguments import FAMILY_DEFAULTS, apply_family_defaults
-from cli.config import EXPLICIT_ATTR, is_explicit
+from cli.arguments import apply_family_defaults
+from cli.config import explicit_of, is_explicit
 from run.checkpoint import find_resume_checkpoint, load_checkpoint
+from run.model_loading import checkpoint_family
 
-__all__ = ["adopt_checkpoint_family", "checkpoint_family"]
+__all__ = ["adopt_checkpoint_family"]
 
 log = logging.getLogger("detr")
-
-
-def checkpoint_family(checkpoint: Mapping[str, Any]) -> str:
-    """The ``--model`` of a checkpoint: its stored args, else what its state-dict keys imply ('detr' by default)."""
-    stored = checkpoint.get("args")
-    stored = vars(stored) if isinstance(stored, argparse.Namespace) else (stored or {})
-    for key in ("model", "modelname"):  # modelname: the published DINO code's flag
-        if stored.get(key) in FAMILY_DEFAULTS:
-            return stored[key]
-    state = checkpoint.get("model")
-    keys = state.keys() if isinstance(state, Mapping) else ()
-    prefix = "detr." if any(k.startswith("detr.") for k in keys) else ""
-    if f"{prefix}transformer.level_embed" in keys:  # multi-scale deformable families
-        # DINO's denoising label embedding and decoder query embedding have no Deformable DETR counterpart.
-        dino = f"{prefix}label_enc.weight" in keys or f"{prefix}transformer.tgt_embed.weight" in keys
-        return "dino" if dino else "deformable_detr"
-    return "detr"
 
 
 def adopt_checkpoint_family(args: argparse.Namespace) -> argparse.Namespace:
@@ -44,7 +25,7 @@ def adopt_checkpoint_family(args: argparse.Namespace) -> argparse.Namespace:
     given on the command line or in ``--config`` keep their values. ``--resume auto`` reads the checkpoint it
     will continue from; no checkpoint (or ``--model`` given) leaves ``args`` unchanged.
     """
-    if is_explicit(args, "model") or not getattr(args, "resume", ""):
+    if is_explicit(args, "model") or not args.resume:
         return args
     source = args.resume
     if source == "auto":
@@ -56,5 +37,5 @@ def adopt_checkpoint_family(args: argparse.Namespace) -> argparse.Namespace:
     if family != args.model:
         log.info("--model %s: the family of %s (pass --model to build another one)", family, source)
         args.model = family
-        apply_family_defaults(args, getattr(args, EXPLICIT_ATTR, frozenset()))
+        apply_family_defaults(args, explicit_of(args))
     return args

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cli.config import config_dict
+from models import FAMILIES
 from run.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, resume_position
 from run.rng_state import capture_rng_state, restore_rng_state
 from util import distributed as dist_utils
@@ -42,6 +43,8 @@ class TrainState:
     resumed_metrics: dict[str, dict[str, float]] | None = None
     # One id per run, kept across resumes: --resume auto never mixes in another run's files of the folder.
     run_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # The epoch the run starts at (--start_epoch, or the resumed checkpoint's next epoch: ``load_weights``).
+    start_epoch: int = 0
     # The dataset's {category id: name}, stored so predict.py names classes without --categories.
     class_names: dict[int, str] | None = None
 
@@ -110,7 +113,7 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
     """Apply --frozen_weights, --resume (path, https URL or 'auto') and --finetune to a fresh model.
 
     A training resume also restores the optimizer, scheduler, scaler and RNG states and sets
-    ``args.start_epoch``; returns the batches of that epoch already trained (0 at an epoch boundary).
+    ``state.start_epoch``; returns the batches of that epoch already trained (0 at an epoch boundary).
     """
     if args.frozen_weights:
         frozen = load_checkpoint(args.frozen_weights, hint="check the --frozen_weights path")
@@ -131,14 +134,15 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
             return 0
         start_iteration = 0
         if all(k in ckpt for k in ("optimizer", "lr_scheduler", "epoch")):
-            args.start_epoch, start_iteration = state.restore(ckpt, args)
-        log.info("resumed from %s (next epoch %d, iteration %d)", resume, args.start_epoch, start_iteration)
+            state.start_epoch, start_iteration = state.restore(ckpt, args)
+        log.info("resumed from %s (next epoch %d, iteration %d)", resume, state.start_epoch, start_iteration)
         return start_iteration
     if args.finetune:
         from run.finetune import load_for_finetuning  # usage-side helper; only fine-tuning runs need it
 
-        # Deformable DETR / DINO: re-initialised class heads keep the fresh build's focal prior (bias -4.6).
-        load_for_finetuning(state.model, args.finetune, keep_initial=getattr(args, "model", "detr") != "detr")
+        # e.g. sigmoid class heads keep the fresh build's focal prior (bias -4.6) instead of reset_parameters.
+        keep = FAMILIES[args.model].keep_initial_heads
+        load_for_finetuning(state.model, args.finetune, keep_initial=keep)
     return 0
 
 
@@ -209,9 +213,9 @@ def _warn_behaviour_mismatch(args: argparse.Namespace, ckpt: dict, source: str) 
         return
     old = _checkpoint_args(ckpt)
     changed = [
-        (k, old.get(k, default), getattr(args, k, default))
+        (k, old.get(k, default), vars(args)[k])
         for k, default in BEHAVIOUR_FLAGS.items()
-        if old.get(k, default) != getattr(args, k, default)
+        if old.get(k, default) != vars(args)[k]
     ]
     if changed:
         diffs = ", ".join(f"{k}={was} (this run {now})" for k, was, now in changed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from run import distributed as run_distributed
 from util import distributed as dist_utils
 from util.logging import MetricTracker
 
@@ -28,7 +28,7 @@ def test_torchrun_variables(clean_env):
     clean_env.setenv("RANK", "5")
     clean_env.setenv("WORLD_SIZE", "8")
     clean_env.setenv("LOCAL_RANK", "1")
-    assert dist_utils.launcher_ranks() == (5, 8, 1)
+    assert run_distributed.launcher_ranks() == (5, 8, 1)
 
 
 def test_slurm_variables_set_the_rendezvous(clean_env):
@@ -36,7 +36,7 @@ def test_slurm_variables_set_the_rendezvous(clean_env):
     clean_env.setenv("SLURM_NTASKS", "4")
     clean_env.setenv("SLURM_LOCALID", "1")
     clean_env.setenv("SLURM_NODELIST", "gpu[017-018,20]")
-    assert dist_utils._env_ranks() == (3, 4, 1)
+    assert run_distributed._env_ranks() == (3, 4, 1)
     assert (os.environ["MASTER_ADDR"], os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("gpu017", "3", "4")
 
 
@@ -45,18 +45,16 @@ def test_slurm_variables_set_the_rendezvous(clean_env):
     [("node1", "node1"), ("a[3-5]", "a3"), ("gpu[007,9]", "gpu007"), ("x12,y[1-2]", "x12")],
 )
 def test_first_slurm_host(nodelist, host):
-    assert dist_utils._first_slurm_host(nodelist) == host
+    assert run_distributed._first_slurm_host(nodelist) == host
 
 
 def test_single_process_defaults(clean_env):
-    assert dist_utils.launcher_ranks() == (0, 1, 0)
-    args = argparse.Namespace(dist_url="env://", dist_timeout=1)
-    dist_utils.init_distributed_mode(args, torch.device("cpu"))
-    assert (args.distributed, args.rank, args.world_size) == (False, 0, 1)
+    assert run_distributed.launcher_ranks() == (0, 1, 0)
+    state = run_distributed.init_distributed_mode(torch.device("cpu"), "env://", 1)
+    assert (state.distributed, state.rank, state.world_size) == (False, 0, 1)
     clean_env.setenv("SLURM_PROCID", "0")  # an interactive allocation of one task is not distributed
     clean_env.setenv("SLURM_NTASKS", "1")
-    dist_utils.init_distributed_mode(args, torch.device("cpu"))
-    assert not args.distributed
+    assert not run_distributed.init_distributed_mode(torch.device("cpu"), "env://", 1).distributed
     assert dist_utils.get_world_size() == 1 and dist_utils.is_main_process()
     values = {"a": torch.tensor(2.0, requires_grad=True)}
     assert not dist_utils.reduce_dict(values)["a"].requires_grad
@@ -65,16 +63,15 @@ def test_single_process_defaults(clean_env):
 
 def _worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    args = argparse.Namespace(dist_url="env://", dist_timeout=1)
-    dist_utils.init_distributed_mode(args, torch.device("cpu"))
+    state = run_distributed.init_distributed_mode(torch.device("cpu"), "env://", 1)
     reduced = dist_utils.reduce_dict({"loss": torch.tensor(float(rank + 1)), "b": torch.tensor(10.0 * rank)})
     tracker = MetricTracker()
     tracker.update(n=rank + 1, loss=float(rank))  # rank 0: one sample of 0, rank 1: two samples of 1
     tracker.add("overflows", rank + 1)
     tracker.synchronize()
     gathered = dist_utils.all_gather_object({"rank": rank})
-    queue.put((rank, args.distributed, {k: v.item() for k, v in reduced.items()}, tracker.means(), gathered))
-    dist_utils.cleanup()
+    queue.put((rank, state.distributed, {k: v.item() for k, v in reduced.items()}, tracker.means(), gathered))
+    run_distributed.cleanup()
 
 
 def test_two_process_collectives():

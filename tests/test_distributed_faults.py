@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Rank 1 joins, then dies (or hangs); rank 0 enters a collective through the project's helpers.
 WORKER = """
-import argparse, os, sys, time
+import os, sys, time
 import torch
+from run import distributed as rd
 from util import distributed as du
 mode = sys.argv[1]
-args = argparse.Namespace(dist_url="env://", dist_timeout=0.05)  # 3 s
-du.init_distributed_mode(args, torch.device("cpu"))
+rd.init_distributed_mode(torch.device("cpu"), "env://", 0.05)  # 3 s
 if du.get_rank() == 1:
     if mode == "die":
         os._exit(3)
@@ -29,10 +29,10 @@ if du.get_rank() == 1:
 try:
     du.all_reduce_sum(torch.ones(1))
 except RuntimeError as e:
-    failure = du.peer_failure(e, timeout_s=2)
+    failure = rd.peer_failure(e, timeout_s=2)
     if failure is None:
         sys.exit(f"unexplained: {e}")
-    du.exit_after_peer_failure(failure)
+    rd.exit_after_peer_failure(failure)
 sys.exit("error: the collective succeeded")
 """
 

@@ -84,9 +84,9 @@ def test_preemption_prints_the_exact_command_that_resumes(run, tmp_path, monkeyp
 
     monkeypatch.setattr(PreemptionHandler, "requested_on_any_rank", signal_now)
     args = _args(data, tmp_path / "run", "--epochs", "1")
-    args._argv = ["--config", "configs/demo.yaml", "--resume", "x.pth", "--lr", "1e-3"]
+    argv = ["--config", "configs/demo.yaml", "--resume", "x.pth", "--lr", "1e-3"]
     with caplog.at_level(logging.INFO, logger="detr"):
-        main_module.main(args)
+        main_module.main(args, argv)
     expected = "continue with: python main.py --config configs/demo.yaml --lr 1e-3 --resume auto"
     assert expected in caplog.text
 
@@ -101,11 +101,11 @@ def test_the_argument_less_demo_records_its_command_and_never_reuses_a_finished_
     monkeypatch.chdir(tmp_path)  # configs/demo.yaml writes to runs/demo, relative to the working folder
     save_checkpoint({"model": {}, "epoch": 7}, tmp_path / "runs" / "demo" / "checkpoint.pth")
     seen = []
-    monkeypatch.setattr(main_module, "main", seen.append)
+    monkeypatch.setattr(main_module, "main", lambda args, argv: seen.append((args, argv)))
     monkeypatch.setattr(sys, "argv", ["main.py"])
     main_module.cli()
-    (args,) = seen
-    assert args._argv == ["--config", str(main_module.DEMO_CONFIG), "--output_dir", str(Path("runs/demo_2"))]
+    ((args, argv),) = seen
+    assert argv == ["--config", str(main_module.DEMO_CONFIG), "--output_dir", str(Path("runs/demo_2"))]
     assert Path(args.output_dir) == Path("runs/demo_2") == next_free_run_dir("runs/demo")
 
 

@@ -59,7 +59,7 @@ def test_overridden_schedule_flags_are_listed_in_one_warning(tmp_path, caplog):
         assert f"{flag}={old} (command line {new})" in warnings[0]
     assert "--keep_new_schedule" in warnings[0]
     assert "epochs" not in warnings[0]  # --epochs is not overridden: the run continues to the new end
-    assert args.start_epoch == 3
+    assert state.start_epoch == 3 and args.start_epoch == 0  # run state, not a rewritten flag
     # The checkpoint's schedule is what continues: lr 1e-3 dropped once at epoch 2, drop every 2 epochs.
     assert _lrs(state) == pytest.approx([1e-4, 1e-5])
     state.lr_scheduler.step()

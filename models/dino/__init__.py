@@ -46,4 +46,10 @@ FAMILY = Family(
         "dino_resnet50_4scale": {},
         "dino_resnet50_5scale": {"num_feature_levels": 5, "return_interm_indices": [0, 1, 2, 3]},
     },
+    # The published DINO code has neither flag: it always selects encoder proposals and refines every layer.
+    refused_flags={
+        "two_stage": "a Deformable DETR flag: DINO is always two-stage; drop --two_stage",
+        "with_box_refine": "a Deformable DETR flag: DINO always refines boxes layer by layer; drop --with_box_refine",
+    },
+    keep_initial_heads=True,  # re-initialised class heads keep the focal-loss prior (bias -4.6)
 )
