@@ -131,7 +131,6 @@ def run_variant(config: str, variant: str, iters: int, warmup: int, infer_iters:
     import models
     from cli.config import parse_args_with_config
     from main import build_optimizer, get_args_parser
-    from models.detr import num_classes_from_args
     from util.acceleration import apply_channels_last, compile_model
     from util.amp import autocast_context, make_grad_scaler, optimizer_step
     from util.misc import nested_tensor_from_tensor_list
@@ -144,7 +143,6 @@ def run_variant(config: str, variant: str, iters: int, warmup: int, infer_iters:
     flags, sizes, _ = _config(config)
     flags = [*flags, "--device", device_name, "--attention", options.get("attention", "sdpa")]
     args = parse_args_with_config(get_args_parser(), flags)
-    args.num_classes = num_classes_from_args(args)  # 91 unless the config names one
     amp = options.get("amp", "off")
 
     base_rss = _rss_kib("VmRSS")
@@ -152,7 +150,7 @@ def run_variant(config: str, variant: str, iters: int, warmup: int, infer_iters:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    model, criterion, postprocessors = models.build_model(args)
+    model, criterion, postprocessors = models.build_model(args)  # 91 classes unless the config names a count
     model.to(device)
     criterion.to(device)
     if options.get("channels_last"):
