@@ -222,7 +222,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--dataset_file", default="coco")
     parser.add_argument("--coco_path", type=str)
     parser.add_argument("--coco_panoptic_path", type=str)
-    parser.add_argument("--remove_difficult", action="store_true")
+    parser.add_argument("--remove_difficult", action="store_true",
+                        help="accepted as published; it has no effect on COCO-format data there either")  # fmt: skip
 
     parser.add_argument("--output_dir", default="", help="folder for checkpoints and logs (empty: write nothing)")
     parser.add_argument("--device", default="cuda", help="cuda, mps or cpu (a default cuda falls back when absent)")
@@ -232,7 +233,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--num_workers", default=2, type=int)
 
-    parser.add_argument("--world_size", default=1, type=int, help="number of processes (set by torchrun/SLURM)")
+    parser.add_argument("--world_size", default=1, type=int,
+                        help="accepted as published; the process count comes from torchrun / SLURM")  # fmt: skip
     parser.add_argument("--dist_url", default="env://", help="process-group init method")
 
     _add_project_flags(parser)
