@@ -1,4 +1,4 @@
-"""torch.hub entry points for the published DETR models.
+"""torch.hub entry points for the published models of the detector families (DETR, Deformable DETR, DINO).
 
     model = torch.hub.load("path/to/this/repo", "detr_resnet50", source="local", pretrained=True)
     model, postprocessor = torch.hub.load(..., "detr_resnet50_panoptic", pretrained=True, return_postprocessor=True)

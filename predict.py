@@ -1,14 +1,15 @@
-"""Run a trained DETR, Deformable DETR or DINO on images: COCO-results JSON and PNGs with the detections drawn.
+"""Run a trained detector of any family (DETR, Deformable DETR, DINO, ...) on images: COCO-results JSON and PNGs
+with the detections drawn.
 
 Examples:
     python predict.py --checkpoint outputs/checkpoint.pth images/ extra/*.jpg --output_dir predictions
     python predict.py --checkpoint https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth photo.jpg \
         --threshold 0.9 --attention_maps
 
-The model is rebuilt from the checkpoint alone: its family (``--model``: DETR, Deformable DETR or DINO, stored
-in the checkpoint or told by its keys), its stored training arguments (missing ones take that family's defaults
-of ``main.get_args_parser``) and the architecture read from the state-dict shapes, so any checkpoint of this
-project or a published one loads with strict=True.
+The model is rebuilt from the checkpoint alone (``run.model_loading``): its family (``--model``, stored in the
+checkpoint or told by its keys through the families' ``owns_state_dict``), its stored training arguments (missing
+ones take that family's defaults of ``main.get_args_parser``) and the architecture read from the state-dict
+shapes, so any checkpoint of this project or a published one loads with strict=True.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Launch DETR training on a SLURM cluster through submitit (optional dependency: ``pip install submitit``).
+"""Launch training of any detector family (``--model``) on a SLURM cluster through submitit (optional dependency:
+``pip install submitit``).
 
 Example: ``python run_with_submitit.py --nodes 4 --ngpus 8 --partition learn --coco_path /data/coco``.
 Every main.py flag is accepted. One task per GPU; each task gets RANK / LOCAL_RANK / WORLD_SIZE /
@@ -19,15 +20,21 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import main as detr_main
+import main as main_module
 from cli.arguments import FamilyArgumentParser
+from models import FAMILIES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """main.py's flags plus the SLURM launch flags."""
     # The family-aware parser class, so --model picks its published defaults here too.
+    titles = ", ".join(family.title for family in FAMILIES.values())
     parser = FamilyArgumentParser(
-        "DETR on SLURM (submitit)", parents=[detr_main.get_args_parser(add_help=False)], add_help=True
+        prog="run_with_submitit.py",
+        description=f"Train DETR-family detectors ({titles}; --model) on SLURM through submitit: main.py's flags "
+        "plus the SLURM launch flags.",
+        parents=[main_module.get_args_parser(add_help=False)],
+        add_help=True,
     )
     group = parser.add_argument_group("SLURM launch")
     group.add_argument("--ngpus", default=8, type=int, help="GPUs (= tasks) per node")
@@ -67,7 +74,7 @@ class Trainer:
         env = submitit.JobEnvironment()
         self.args = prepare_task_args(self.args, env)
         export_distributed_env(env)
-        detr_main.main(self.args)
+        main_module.main(self.args)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by submitit on preemption or time-out: requeue the same run with ``--resume auto``."""
@@ -130,7 +137,7 @@ def submit(args: argparse.Namespace) -> Any:
         "nodes": args.nodes,
         "timeout_min": args.timeout,
         "slurm_signal_delay_s": 120,
-        "name": "detr",
+        "name": args.model,  # the SLURM job name: the family (published: "detr")
     }
     if args.partition:
         params["slurm_partition"] = args.partition
