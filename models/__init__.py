@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from . import deformable_detr, detr, dino
+from . import deformable_detr, detr, dino, rtdetrv2
 from .family import BuildResult, Family
 
 __all__ = ["FAMILIES", "build_model", "family_of_state_dict"]
@@ -21,6 +21,7 @@ FAMILIES: dict[str, Family] = {
     "detr": detr.FAMILY,
     "deformable_detr": deformable_detr.FAMILY,
     "dino": dino.FAMILY,
+    "rtdetrv2": rtdetrv2.FAMILY,
 }
 
 

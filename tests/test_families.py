@@ -15,15 +15,19 @@ FAMILY_RUN_FLAGS = {
     "detr": (),
     "deformable_detr": ("--model", "deformable_detr"),
     "dino": ("--model", "dino", "--dn_number", "4", "--num_select", "20"),
-}
+    "rtdetrv2": ("--model", "rtdetrv2", "--backbone", "presnet18vd", "--enc_hidden_dim", "32", "--dn_number", "4",
+                 "--eval_spatial_size", "64", "64"),
+}  # fmt: skip
 
 
 def test_table_rows():
-    assert list(models.FAMILIES) == ["detr", "deformable_detr", "dino"]
+    assert list(models.FAMILIES) == ["detr", "deformable_detr", "dino", "rtdetrv2"]
     for name, family in models.FAMILIES.items():
         assert isinstance(family, Family) and family.name == name
-        assert family.default_num_classes == {"coco": 91, "synthetic": 91, "coco_panoptic": 250}
-    assert [f.title for f in models.FAMILIES.values()] == ["DETR", "Deformable DETR", "DINO"]
+        if name != "rtdetrv2":  # published remap_mscoco_category: COCO's 80 categories as labels 0..79
+            assert family.default_num_classes == {"coco": 91, "synthetic": 91, "coco_panoptic": 250}
+    assert models.FAMILIES["rtdetrv2"].default_num_classes == {"coco": 80, "synthetic": 6}
+    assert [f.title for f in models.FAMILIES.values()] == ["DETR", "Deformable DETR", "DINO", "RT-DETRv2"]
 
 
 def test_settings_fields_are_parser_destinations_and_frozen(tiny_args):
@@ -74,7 +78,7 @@ def test_published_defaults_of_each_family(tiny_args):
 def test_hub_recipes_are_flag_values_of_the_published_entries(tiny_args):
     destinations = set(vars(tiny_args()))
     names = [name for family in models.FAMILIES.values() for name in family.hub_recipes]
-    assert len(names) == 7 + 5 + 2 and len(set(names)) == len(names)
+    assert len(names) == 7 + 5 + 2 + 5 and len(set(names)) == len(names)
     for family in models.FAMILIES.values():
         for name, recipe in family.hub_recipes.items():
             assert name.startswith(family.name) and set(recipe) <= destinations, name
@@ -101,6 +105,7 @@ CASES = [
     ("deformable_detr", ("--model", "deformable_detr")),
     ("deformable_detr", ("--model", "deformable_detr", "--with_box_refine", "--two_stage")),
     ("dino", FAMILY_RUN_FLAGS["dino"]),
+    ("rtdetrv2", FAMILY_RUN_FLAGS["rtdetrv2"]),
 ]
 
 
@@ -111,11 +116,13 @@ def test_state_dict_family_and_architecture_read_back(name, flags, tiny_args):
     assert models.family_of_state_dict(state) == name
     arch = models.FAMILIES[name].architecture(state)
     expected = {"num_classes": 7, "hidden_dim": 32, "dim_feedforward": args.dim_feedforward, "enc_layers": 2,
-                "dec_layers": 3, "backbone": "resnet18"}  # fmt: skip
+                "dec_layers": 3, "backbone": "presnet18vd" if name == "rtdetrv2" else "resnet18"}  # fmt: skip
     assert {k: arch[k] for k in expected} == expected
     if name == "detr":
         assert (arch["num_queries"], arch["masks"], arch["pre_norm"]) == (10, args.masks, args.pre_norm)
         assert arch["position_embedding"] == args.position_embedding
+    elif name == "rtdetrv2":
+        assert (arch["num_feature_levels"], arch["enc_hidden_dim"], arch["eval_spatial_size"]) == (3, 32, [64, 64])
     else:
         assert arch["num_feature_levels"] == 4
     if name == "deformable_detr":

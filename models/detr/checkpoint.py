@@ -18,7 +18,9 @@ def owns_state_dict(state: Mapping[str, Tensor]) -> bool:
 
     Also the answer for a state dict no family recognises (the published default family).
     """
-    return f"{key_prefix(state)}transformer.level_embed" not in state
+    # Detectors with top-level encoder./decoder. modules (RT-DETR style) are not DETR: its live under transformer.
+    top_level = any(k.startswith(("encoder.", "decoder.")) for k in state)
+    return f"{key_prefix(state)}transformer.level_embed" not in state and not top_level
 
 
 def architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:

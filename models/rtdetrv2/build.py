@@ -1,9 +1,10 @@
-"""Build RT-DETRv2 (model, criterion, post-processor) from an :class:`RTDETRv2Config`."""
+"""Build RT-DETRv2 (model, criterion, post-processor) from an :class:`RTDETRv2Config` or the family's settings."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from models.criterion import place_criterion
 from models.matcher import HungarianMatcher
 from models.presnet import build_presnet, load_presnet_weights
 
@@ -13,6 +14,7 @@ from .decoder import RTDETRTransformerv2
 from .hybrid_encoder import HybridEncoder
 from .postprocess import COCO_CATEGORY_IDS, RTDETRPostProcessor
 from .rtdetr import RTDETR
+from .settings import RTDETRv2Settings
 
 __all__ = ["build", "build_criterion", "build_model"]
 
@@ -67,13 +69,26 @@ def build_criterion(cfg: RTDETRv2Config, num_classes: int) -> RTDETRCriterionv2:
     return RTDETRCriterionv2(matcher, weights, num_classes, alpha=cfg.vfl_alpha)
 
 
-def build(cfg: RTDETRv2Config, num_classes: int) -> tuple[RTDETR, RTDETRCriterionv2, dict[str, nn.Module]]:
-    """(model, criterion, {'bbox': post-processor}).
+def build(
+    cfg: RTDETRv2Config | RTDETRv2Settings, num_classes: int
+) -> tuple[RTDETR, RTDETRCriterionv2, dict[str, nn.Module]]:
+    """(model, criterion, {'bbox': post-processor}); the family's ``build`` (``Family.build``).
 
-    The post-processor maps labels 0..79 to the COCO category ids when ``cfg.remap_mscoco_category`` and
-    num_classes is 80; otherwise labels stay class indices.
+    ``cfg``: a config, or the parsed flags (:class:`RTDETRv2Settings`, mapped by ``model_config``; the criterion
+    then goes to ``--device``). The post-processor maps labels 0..79 to the COCO category ids when
+    ``cfg.remap_mscoco_category`` and num_classes is 80; otherwise labels stay class indices (the training loop
+    maps a custom dataset's labels back to its ids).
+
+    Raises:
+        ValueError: one line naming the flag RT-DETRv2 cannot build with.
     """
+    device = None
+    if isinstance(cfg, RTDETRv2Settings):
+        cfg, device = cfg.model_config(), cfg.device
     model = build_model(cfg, num_classes)
     remap = cfg.remap_mscoco_category and num_classes == len(COCO_CATEGORY_IDS)
     post = RTDETRPostProcessor(cfg.num_select, COCO_CATEGORY_IDS if remap else None)
-    return model, build_criterion(cfg, num_classes), {"bbox": post}
+    criterion = build_criterion(cfg, num_classes)
+    if device is not None:
+        criterion = place_criterion(criterion, device)
+    return model, criterion, {"bbox": post}

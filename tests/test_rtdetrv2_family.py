@@ -1,0 +1,159 @@
+"""RT-DETRv2 as a family of the framework: its table row, flags, recipe configs, settings and checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY_FLAGS
+
+import models
+from cli.arguments import check_family_flags, get_args_parser
+from cli.config import parse_args_with_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny RT-DETRv2 (after the shared tiny flags): R18-vd with trainable BN, width 32, 64 x 64 eval anchors.
+RTDETR_TINY = (
+    "--model", "rtdetrv2", "--backbone", "presnet18vd", "--freeze_at", "-1", "--no_freeze_norm",
+    "--enc_hidden_dim", "32", "--enc_dim_feedforward", "64", "--enc_expansion", "0.5", "--num_select", "10",
+    "--dn_number", "4", "--eval_spatial_size", "64", "64",
+)  # fmt: skip
+
+# recipe config -> (flag values it sets, keys, trainable elements), from DESIGN_RTDETR.md.
+RECIPES = {
+    "r18vd_120e": ({"backbone": "presnet18vd", "freeze_at": -1, "freeze_norm": False, "enc_expansion": 0.5,
+                    "dec_layers": 3, "epochs": 120, "aug_stop_epoch": 117, "multiscale_sizes": [],
+                    "lr_backbone": 1e-4}, 538, 20_184_464),
+    "r34vd_120e": ({"backbone": "presnet34vd", "freeze_at": -1, "freeze_norm": False, "enc_expansion": 0.5,
+                    "dec_layers": 4, "epochs": 120, "aug_stop_epoch": 117, "multiscale_stop_epoch": 117,
+                    "lr_backbone": 5e-5, "bias_weight_decay": 0.0}, 665, 31_441_668),
+    "r50vd_6x": ({}, 744, 42_862_860),
+    "r50vd_m_7x": ({"enc_expansion": 0.5, "eval_idx": 2, "epochs": 84, "aug_stop_epoch": 81,
+                    "multiscale_stop_epoch": 81}, 768, 36_565_260),
+    "r101vd_6x": ({"backbone": "presnet101vd", "enc_hidden_dim": 384, "enc_dim_feedforward": 2048,
+                   "lr_backbone": 1e-6}, 999, 76_527_756),
+}  # fmt: skip
+
+# The contract's "Existing flags, family defaults" and new flags (R50vd 6x), as --model rtdetrv2 must parse them.
+CONTRACT_DEFAULTS = {
+    "backbone": "presnet50vd", "return_interm_indices": [1, 2, 3], "hidden_dim": 256, "nheads": 8, "enc_layers": 1,
+    "dec_layers": 6, "dim_feedforward": 1024, "dropout": 0.0, "num_queries": 300, "num_feature_levels": 3,
+    "dec_n_points": 4, "dn_number": 100, "dn_label_noise_ratio": 0.5, "dn_box_noise_scale": 1.0,
+    "focal_alpha": 0.25, "set_cost_class": 2, "set_cost_bbox": 5, "set_cost_giou": 2, "cls_loss_coef": 1,
+    "bbox_loss_coef": 5, "giou_loss_coef": 2, "num_select": 300, "lr": 1e-4, "lr_backbone": 1e-5,
+    "lr_backbone_names": ["backbone"], "weight_decay": 1e-4, "epochs": 72, "lr_drop": 1000, "clip_max_norm": 0.1,
+    "batch_size": 4, "aux_loss": True, "freeze_at": 0, "freeze_norm": True, "enc_hidden_dim": 256,
+    "enc_dim_feedforward": 1024, "enc_expansion": 1.0, "eval_idx": -1, "eval_spatial_size": [640, 640],
+    "norm_weight_decay": 0.0, "bias_weight_decay": None, "ema_decay": 0.9999, "ema_warmups": 2000,
+    "warmup_iters": 2000, "sync_bn": True, "aug_stop_epoch": 71,
+    "multiscale_sizes": [480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800],
+    "multiscale_stop_epoch": 71, "remap_mscoco_category": True,
+}  # fmt: skip
+
+
+def tiny(*extra: str) -> argparse.Namespace:
+    return get_args_parser().parse_args([*TINY_FLAGS, *RTDETR_TINY, *extra])
+
+
+def test_table_row():
+    family = models.FAMILIES["rtdetrv2"]
+    assert (family.name, family.title) == ("rtdetrv2", "RT-DETRv2")
+    assert family.default_num_classes == {"coco": 80, "synthetic": 6}
+    assert list(family.hub_recipes) == [f"rtdetrv2_{n}" for n in ("r18vd", "r34vd", "r50vd", "r50vd_m", "r101vd")]
+    for name, (flags, _, _) in RECIPES.items():
+        assert family.hub_recipes["rtdetrv2_" + name.rsplit("_", 1)[0]] == flags
+    assert family.keep_initial_heads
+
+
+def test_family_defaults_are_the_contracts():
+    args = get_args_parser().parse_args(["--model", "rtdetrv2"])
+    assert {k: getattr(args, k) for k in CONTRACT_DEFAULTS} == CONTRACT_DEFAULTS
+    assert args.amp == "off"  # published fp16 lives in the recipe configs (CPU runs cannot use it)
+
+
+@pytest.mark.parametrize("model", ["detr", "deformable_detr", "dino"])
+def test_other_families_keep_their_solver(model):
+    args = get_args_parser().parse_args(["--model", model])
+    assert (args.ema_decay, args.warmup_iters, args.sync_bn) == (0.0, 0, False)
+    assert (args.norm_weight_decay, args.bias_weight_decay) == (None, None)
+    with pytest.raises(ValueError, match="--freeze_at is a RT-DETRv2 flag: add --model rtdetrv2"):
+        check_family_flags(get_args_parser().parse_args(["--model", model, "--freeze_at", "1"]), {"freeze_at"})
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [("masks", "no mask head"), ("dilation", "no dilated"), ("pre_norm", "post-norm"),
+     ("two_stage", "--two_stage is a .*rtdetrv2"), ("box_refine", "is a"),
+     ("enc_n_points", "is a .*Deformable DETR"), ("backbone_stages", "is a")],
+)  # fmt: skip
+def test_flags_rtdetrv2_refuses(flag, message):
+    args = tiny()
+    with pytest.raises(ValueError, match=message):
+        check_family_flags(args, {flag})
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipe_config_builds_the_published_layout(name):
+    flags, keys, trainable = RECIPES[name]
+    path = ROOT / "configs" / f"rtdetrv2_{name}_coco.yaml"
+    args = parse_args_with_config(get_args_parser(), ["--config", str(path), "--backbone_weights", "none"])
+    assert args.model == "rtdetrv2" and args.amp == "fp16"
+    expected = {**CONTRACT_DEFAULTS, **flags}
+    assert {k: getattr(args, k) for k in expected} == expected
+    check_family_flags(args, set(), set(flags))
+    with torch.device("meta"):  # shapes only: no weight initialisation
+        model, criterion, post = models.build_model(args)
+    state = model.state_dict()
+    assert len(state) == keys
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    assert tuple(state["decoder.anchors"].shape) == (1, 8400, 4) and criterion.num_classes == 80
+    assert models.family_of_state_dict(state) == "rtdetrv2"
+    arch = models.FAMILIES["rtdetrv2"].architecture(state)
+    depth = {"presnet18vd": 18, "presnet34vd": 34, "presnet50vd": 50, "presnet101vd": 101}[args.backbone]
+    assert arch["backbone"] == f"presnet{depth}vd" and arch["freeze_norm"] == args.freeze_norm
+    assert (arch["enc_hidden_dim"], arch["enc_dim_feedforward"], arch["enc_expansion"]) == (
+        args.enc_hidden_dim, args.enc_dim_feedforward, args.enc_expansion,
+    )  # fmt: skip
+    assert (arch["dec_layers"], arch["num_classes"], arch["eval_spatial_size"]) == (args.dec_layers, 80, [640, 640])
+    assert (arch["hidden_dim"], arch["nheads"], arch["dec_n_points"], arch["num_feature_levels"]) == (256, 8, 4, 3)
+
+
+def test_tiny_state_dict_read_back_rebuilds_strictly():
+    args = tiny("--num_classes", "7", "--dec_layers", "3")
+    state = models.build_model(args)[0].state_dict()
+    assert models.family_of_state_dict(state) == "rtdetrv2"
+    arch = models.FAMILIES["rtdetrv2"].architecture(state)
+    expected = {"num_classes": 7, "hidden_dim": 32, "nheads": 2, "enc_hidden_dim": 32, "enc_dim_feedforward": 64,
+                "enc_expansion": 0.5, "enc_layers": 1, "dec_layers": 3, "dim_feedforward": 64,
+                "backbone": "presnet18vd", "freeze_norm": False, "eval_spatial_size": [64, 64]}  # fmt: skip
+    assert {k: arch[k] for k in expected} == expected
+    # From the defaults of --model rtdetrv2 (R50vd, width 256), the architecture alone rebuilds the model.
+    values = vars(get_args_parser().parse_args(["--model", "rtdetrv2", "--backbone_weights", "none"]))
+    rebuilt = models.build_model(argparse.Namespace(**{**values, **{k: v for k, v in arch.items() if v is not None}}))
+    rebuilt[0].load_state_dict(state, strict=True)
+    # No saved anchors (built without an eval size): [] rebuilds it without them.
+    state = models.build_model(tiny("--eval_spatial_size"))[0].state_dict()
+    assert "decoder.anchors" not in state and models.FAMILIES["rtdetrv2"].architecture(state)["eval_spatial_size"] == []
+
+
+def test_other_families_do_not_claim_rtdetrv2_keys():
+    weight = torch.zeros(1)
+    state = {"encoder.input_proj.0.conv.weight": weight, "decoder.enc_score_head.weight": weight}
+    assert models.family_of_state_dict(state) == "rtdetrv2"
+    assert models.family_of_state_dict({"class_embed.weight": weight}) == "detr"
+    with pytest.raises(ValueError, match="not an RT-DETRv2 checkpoint"):
+        models.FAMILIES["rtdetrv2"].architecture({"class_embed.weight": weight})
+
+
+def test_settings_errors_are_one_line():
+    with pytest.raises(ValueError, match="--backbone_weights imagenet: the published PResNet-vd"):
+        models.build_model(tiny("--backbone_weights", "imagenet"))
+    with pytest.raises(ValueError, match="--num_feature_levels 4"):
+        models.build_model(tiny("--num_feature_levels", "4"))
+    with pytest.raises(ValueError, match="--eval_spatial_size takes 2 values"):
+        models.build_model(tiny("--eval_spatial_size", "64"))
+    with pytest.raises(ValueError, match="unknown PResNet backbone 'resnet18'"):
+        models.build_model(tiny("--backbone", "resnet18"))
