@@ -444,3 +444,55 @@ def dino_resnet50_5scale(
     Arguments as :func:`dino_resnet50_4scale`."""
     return _deformable("dino_resnet50_5scale", pretrained, num_classes, return_postprocessor, backbone_weights,
                        checkpoint, **overrides)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ RT-DETRv2
+
+RTDETR_ZOO = "https://github.com/lyuwenyu/RT-DETR (rtdetrv2_pytorch)"
+
+
+def _rtdetrv2(name, pretrained=False, num_classes=80, return_postprocessor=False, backbone_weights="none",
+              checkpoint=None, **overrides):  # fmt: skip
+    """Build an RT-DETRv2 recipe offline (``models.FAMILIES['rtdetrv2'].hub_recipes``); load ``checkpoint``, a local
+    published ``.pth`` (``ema.module`` first, else ``model``) or one of this project, when given."""
+    from main import get_args_parser
+    from models import FAMILIES, build_model
+    from run.checkpoint import inference_weights, load_checkpoint
+
+    if pretrained and checkpoint is None:
+        raise ValueError(f"{name}(pretrained=True): download the recipe's .pth from {RTDETR_ZOO} and pass "
+                         "checkpoint='path/to/file.pth'")  # fmt: skip
+    args = get_args_parser().parse_args(["--model", "rtdetrv2"])  # the family's published defaults (R50vd 6x)
+    values = {**FAMILIES["rtdetrv2"].hub_recipes[name], **overrides, "num_classes": num_classes, "device": "cpu",
+              "backbone_weights": "none" if checkpoint is not None else backbone_weights}  # fmt: skip
+    for key, value in values.items():
+        if not hasattr(args, key):
+            raise TypeError(f"unknown model option {key!r}; use a main.py flag name such as num_queries or hidden_dim")
+        setattr(args, key, value)
+    model, _, postprocessors = build_model(args)
+    if checkpoint is not None:
+        if num_classes == 80 and not overrides:
+            model.load_state_dict(inference_weights(load_checkpoint(checkpoint)), strict=True)
+        else:  # another head size: a fine-tuning start (score heads keep their focal prior)
+            from run.finetune import load_for_finetuning
+
+            load_for_finetuning(model, checkpoint, keep_initial=True, purpose=_HUB_LOAD)
+    return (model, postprocessors["bbox"]) if return_postprocessor else model
+
+
+def _rtdetrv2_entry(name: str, summary: str):
+    def entry(pretrained=False, num_classes=80, return_postprocessor=False, backbone_weights="none", checkpoint=None,
+              **overrides):  # fmt: skip
+        return _rtdetrv2(name, pretrained, num_classes, return_postprocessor, backbone_weights, checkpoint, **overrides)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = (f"RT-DETRv2 {summary} on COCO val2017 as published). ``pretrained=True`` needs "
+                     "checkpoint='local .pth'; ``backbone_weights``: 'none' or a local ResNet*_vd file.")  # fmt: skip
+    return entry
+
+
+rtdetrv2_r18vd = _rtdetrv2_entry("rtdetrv2_r18vd", "R18vd, 120 epochs (48.1 AP")
+rtdetrv2_r34vd = _rtdetrv2_entry("rtdetrv2_r34vd", "R34vd, 120 epochs (49.9 AP")
+rtdetrv2_r50vd = _rtdetrv2_entry("rtdetrv2_r50vd", "R50vd, 72 epochs (53.4 AP")
+rtdetrv2_r50vd_m = _rtdetrv2_entry("rtdetrv2_r50vd_m", "R50vd-M, 84 epochs (51.9 AP")
+rtdetrv2_r101vd = _rtdetrv2_entry("rtdetrv2_r101vd", "R101vd, 72 epochs (54.3 AP")

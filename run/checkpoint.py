@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -275,6 +276,17 @@ def download_checkpoint(url: str, check_hash: bool = False) -> Path:
         except Exception as e:
             raise CheckpointError(f"checkpoint URL {url}: download failed ({_first_line(e)})") from None
     return dst
+
+
+def inference_weights(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The state dict to evaluate or predict with: ``ema.module`` (the EMA weights, which a run with --ema_decay
+    evaluates, and the published RT-DETR ``.pth`` layout ``{'ema': {'module': sd, 'updates': n}}``) when present,
+    else ``model``; None when the checkpoint holds neither."""
+    ema = checkpoint.get("ema")
+    if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):
+        return ema["module"]
+    state = checkpoint.get("model")
+    return state if isinstance(state, Mapping) else None
 
 
 def checkpoint_args_to_namespace(args: dict | argparse.Namespace | None) -> argparse.Namespace | None:

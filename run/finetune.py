@@ -15,15 +15,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from run.checkpoint import load_checkpoint
+from run.checkpoint import inference_weights, load_checkpoint
 
 #: Name prefixes of tensors that may change shape between the checkpoint and the fine-tuned model:
 #: the class heads (DETR's num_classes + 1 outputs; the per-layer heads ``class_embed.{l}`` of Deformable DETR and
 #: DINO, also listed inside the decoder by two-stage / DINO models; DINO's encoder head and denoising label
-#: embedding) and the query embeddings (num_queries rows).
+#: embedding) and the query embeddings (num_queries rows); RT-DETRv2's encoder and per-layer score heads and its
+#: denoising class embedding.
 HEAD_PREFIXES: tuple[str, ...] = (
     "class_embed.", "query_embed.", "transformer.decoder.class_embed.", "transformer.enc_out_class_embed.",
-    "label_enc.", "transformer.tgt_embed.",
+    "label_enc.", "transformer.tgt_embed.", "decoder.enc_score_head.", "decoder.dec_score_head.",
+    "decoder.denoising_class_embed.",
 )  # fmt: skip
 
 # A segmentation model (DETRsegm) wraps the detector under "detr."; these belong to its mask head only.
@@ -103,7 +105,7 @@ def load_for_finetuning(
 
 
 def _model_state(checkpoint: Mapping, source: str) -> dict[str, Tensor]:
-    state = checkpoint.get("model", checkpoint)
+    state = inference_weights(checkpoint) or checkpoint  # EMA weights first (published RT-DETR files)
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise FinetuneError(f"{source}: expected a checkpoint with a 'model' state dict (or a bare state dict)")
     return dict(state)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from cli.arguments import get_args_parser
 from models import FAMILIES, build_model, family_of_state_dict
-from run.checkpoint import checkpoint_args_to_namespace, load_checkpoint
+from run.checkpoint import checkpoint_args_to_namespace, inference_weights, load_checkpoint
 
 __all__ = ["checkpoint_family", "infer_architecture", "load_model", "model_args_from_checkpoint"]
 
@@ -31,8 +31,7 @@ def checkpoint_family(checkpoint: Mapping[str, Any]) -> str:
     for key in ("model", "modelname"):  # modelname: the published DINO code's flag
         if stored.get(key) in FAMILIES:
             return stored[key]
-    state = checkpoint.get("model")
-    return family_of_state_dict(state if isinstance(state, Mapping) else {})
+    return family_of_state_dict(inference_weights(checkpoint) or {})
 
 
 def infer_architecture(state: Mapping[str, Tensor], family: str | None = None) -> dict[str, Any]:
@@ -45,15 +44,16 @@ def model_args_from_checkpoint(checkpoint: Mapping[str, Any], device: str = "cpu
 
     The backbone is built without downloading ImageNet weights (the checkpoint holds them).
     """
-    if "model" not in checkpoint or not isinstance(checkpoint["model"], Mapping):
-        raise ValueError("checkpoint has no 'model' state dict")
+    weights = inference_weights(checkpoint)
+    if weights is None:
+        raise ValueError("checkpoint has no 'model' (or 'ema.module') state dict")
     family = checkpoint_family(checkpoint)
     values = vars(get_args_parser().parse_args(["--model", family]))
     stored = checkpoint_args_to_namespace(checkpoint.get("args"))
     if stored is not None:
         values.update(vars(stored))
     values["model"] = family  # published files store no --model
-    values.update({k: v for k, v in infer_architecture(checkpoint["model"], family).items() if v is not None})
+    values.update({k: v for k, v in infer_architecture(weights, family).items() if v is not None})
     values.update(_RUN_ONLY, device=device)
     return argparse.Namespace(**values)
 
@@ -61,7 +61,8 @@ def model_args_from_checkpoint(checkpoint: Mapping[str, Any], device: str = "cpu
 def load_model(
     checkpoint_path: str, device: str = "cpu", checkpoint: Mapping | None = None
 ) -> tuple[nn.Module, dict[str, nn.Module], argparse.Namespace, Mapping]:
-    """Build the checkpoint's model in eval mode on ``device`` and load its weights (strict).
+    """Build the checkpoint's model in eval mode on ``device`` and load its weights (strict): the EMA weights
+    (``ema.module``) when the checkpoint has them, else ``model``.
 
     Returns:
         (model, postprocessors, the flags it was built from, the checkpoint dict).
@@ -74,7 +75,7 @@ def load_model(
     args = model_args_from_checkpoint(checkpoint, device=device)
     model, _, postprocessors = build_model(args)
     try:
-        model.load_state_dict(checkpoint["model"], strict=True)
+        model.load_state_dict(inference_weights(checkpoint), strict=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0:3]
         raise ValueError(f"{checkpoint_path}: weights do not fit the rebuilt model ({' '.join(first)})") from None

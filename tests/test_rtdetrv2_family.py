@@ -157,3 +157,41 @@ def test_settings_errors_are_one_line():
         models.build_model(tiny("--eval_spatial_size", "64"))
     with pytest.raises(ValueError, match="unknown PResNet backbone 'resnet18'"):
         models.build_model(tiny("--backbone", "resnet18"))
+
+
+HUB_TINY = {
+    "backbone": "presnet18vd", "hidden_dim": 32, "enc_hidden_dim": 32, "nheads": 2, "dim_feedforward": 64,
+    "enc_dim_feedforward": 64, "num_queries": 10, "dn_number": 4, "eval_spatial_size": [64, 64], "num_select": 10,
+}  # fmt: skip
+
+
+def test_hub_entries_and_published_checkpoint_layouts(tmp_path):
+    import hubconf
+    from run.model_loading import load_model
+
+    names = sorted(n for n in dir(hubconf) if n.startswith("rtdetrv2_"))
+    assert names == sorted(models.FAMILIES["rtdetrv2"].hub_recipes)
+    with pytest.raises(ValueError, match="checkpoint='path/to/file.pth'"):
+        hubconf.rtdetrv2_r50vd(pretrained=True)
+    model = hubconf.rtdetrv2_r18vd(**HUB_TINY)
+    state = model.state_dict()
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    # Published .pth layouts: {'ema': {'module', 'updates'}, 'model'} (EMA first) and {'model'} alone.
+    torch.save({"ema": {"module": state, "updates": 5}, "model": other}, tmp_path / "ema.pth")
+    torch.save({"model": other}, tmp_path / "model.pth")
+    for name, expected in (("ema.pth", state), ("model.pth", other)):
+        loaded = hubconf.rtdetrv2_r18vd(pretrained=True, checkpoint=str(tmp_path / name), **HUB_TINY).state_dict()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected), name
+        rebuilt, post, args, _ = load_model(str(tmp_path / name))
+        assert (args.model, args.backbone, args.hidden_dim, args.eval_spatial_size) == ("rtdetrv2", "presnet18vd", 32,
+                                                                                        [64, 64])  # fmt: skip
+        assert all(torch.equal(rebuilt.state_dict()[k], expected[k]) for k in expected), name
+    # 300 queries (the default: not a weight) need 300 encoder tokens: 21 (128 / 32)^2 = 336.
+    detections = post["bbox"](rebuilt(torch.rand(1, 3, 128, 128)), torch.tensor([[128, 128]]))[0]
+    assert set(detections["labels"].tolist()) <= set(models.rtdetrv2.COCO_CATEGORY_IDS)  # remapped to COCO ids
+    # Another class count: a fine-tuning start whose score heads keep the focal prior -log(99).
+    tuned = hubconf.rtdetrv2_r18vd(pretrained=True, checkpoint=str(tmp_path / "ema.pth"), num_classes=5, **HUB_TINY)
+    assert tuned.decoder.enc_score_head.weight.shape == (5, 32)
+    assert torch.allclose(tuned.decoder.enc_score_head.bias, torch.full((5,), -4.59512), atol=1e-4)
+    key = "encoder.input_proj.0.conv.weight"
+    assert torch.equal(tuned.state_dict()[key], state[key])
