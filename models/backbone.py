@@ -1,13 +1,17 @@
-"""ResNet backbone with frozen batch norm, and the Joiner that adds position encodings.
+"""The backbones by name (``build_backbone``: torchvision ResNets, the published Swin variants, ``timm:NAME``),
+the ResNet with frozen batch norm, and the Joiner that adds position encodings.
 
 Module names are part of the checkpoint contract: the Joiner is a two-element ``nn.Sequential`` so the
-ResNet lives under ``backbone.0.body.<torchvision resnet names>`` and a learned position encoding under
-``backbone.1``.
+ResNet lives under ``backbone.0.body.<torchvision resnet names>``, a Swin directly under ``backbone.0.<published
+Swin names>`` (``models.swin_transformer``), a timm model under ``backbone.0.body.<timm names>``
+(``models.timm_backbone``), and a learned position encoding under ``backbone.1``. Every backbone parameter is
+under ``backbone.0``, the published backbone lr group.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -17,12 +21,14 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import Tensor, nn
-from torchvision import ops
 from torchvision.models._utils import IntermediateLayerGetter
 
 from util.misc import NestedTensor
 
+from .feature_maps import FrozenBatchNorm2d, downsample_mask_nearest
 from .position_encoding import build_position_encoding
+from .swin_transformer import SWIN_CONFIGS, build_swin_backbone
+from .timm_backbone import TIMM_PREFIX, build_timm_backbone, parse_timm_name
 
 if TYPE_CHECKING:
     from .settings import DetectorSettings
@@ -33,7 +39,11 @@ __all__ = [
     "FrozenBatchNorm2d",
     "Joiner",
     "WeightsUnavailableError",
+    "backbone_choices",
+    "backbone_levels_of",
+    "backbone_of",
     "build_backbone",
+    "check_backbone_name",
     "load_backbone_weights",
     "resnet_of",
 ]
@@ -118,19 +128,6 @@ def load_backbone_weights(resnet: nn.Module, weights: str, name: str) -> None:
         )
 
 
-class FrozenBatchNorm2d(ops.FrozenBatchNorm2d):
-    """torchvision's FrozenBatchNorm2d (same buffers and float32 numbers) that keeps the input's dtype.
-
-    Under bf16/fp16 autocast the float32 buffers would otherwise promote every activation back to float32,
-    about a fifth of an R50 step on CPU: the affine is folded in float32 and applied in the input's dtype.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
-
-
 def _stage_out_channels(stage: nn.Sequential) -> int:
     """Output channels of a torchvision ResNet stage (its last block's last convolution)."""
     last_block = stage[-1]
@@ -182,7 +179,7 @@ class BackboneBase(nn.Module):
                                device=images.device)  # fmt: skip
         out: dict[str, NestedTensor] = {}
         for key, feature in self.body(images).items():
-            out[key] = NestedTensor(feature, _downsample_mask_nearest(mask, feature.shape[-2:]))
+            out[key] = NestedTensor(feature, downsample_mask_nearest(mask, feature.shape[-2:]))
         return out
 
 
@@ -251,11 +248,14 @@ def _dilate_basic_stage(stage: nn.Sequential) -> None:
 
 
 class Joiner(nn.Sequential):
-    """``Joiner(backbone, position_embedding)``: features and their position encodings, lowest stride first."""
+    """``Joiner(backbone, position_embedding)``: features and their position encodings, lowest stride first.
 
-    def __init__(self, backbone: BackboneBase, position_embedding: nn.Module):
+    ``num_channels``: channels of the last returned level (the map DETR's input projection reads).
+    """
+
+    def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
-        self.num_channels = backbone.num_channels
+        self.num_channels = backbone.stage_channels[-1]
 
     def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
         """Returns (features: list of NestedTensor [B, C_i, H_i, W_i], positions: list of [B, D, H_i, W_i])."""
@@ -264,30 +264,68 @@ class Joiner(nn.Sequential):
         return features, positions
 
 
+def backbone_choices() -> str:
+    """The accepted ``--backbone`` values, for messages and help."""
+    return ", ".join([*_STAGE_CHANNELS, *SWIN_CONFIGS, f"{TIMM_PREFIX}NAME (any timm features_only model)"])
+
+
+def _feature_extractor(
+    settings: DetectorSettings, return_interm_layers: bool, return_interm_indices: Sequence[int] | None
+) -> nn.Module:
+    """``backbone.0``: the ResNet, Swin or timm model of ``settings.backbone`` returning the asked stages."""
+    name = settings.backbone
+    train = settings.lr_backbone > 0
+    if name in _STAGE_CHANNELS:
+        if settings.use_checkpoint:
+            raise ValueError(f"--use_checkpoint is for the Swin and timm backbones; drop it with --backbone {name}")
+        return Backbone(
+            name, train_backbone=train, return_interm_layers=return_interm_layers, dilation=settings.dilation,
+            weights=settings.backbone_weights, stages=settings.backbone_stages,
+            return_interm_indices=return_interm_indices,
+        )  # fmt: skip
+    if name not in SWIN_CONFIGS and parse_timm_name(name) is None:
+        raise ValueError(f"--backbone {name}: unknown; choose one of {backbone_choices()}")
+    for flag, given in (("--dilation", settings.dilation), ("--backbone_stages", settings.backbone_stages != 4)):
+        if given:
+            raise ValueError(f"{flag} is for the ResNet backbones only; drop it with --backbone {name}")
+    for_mask_head = return_interm_layers and return_interm_indices is None
+    if return_interm_indices is None:  # DETR: the last stage, or all four for its mask head
+        return_interm_indices = range(4) if return_interm_layers else [3]
+    indices = sorted(return_interm_indices)
+    if name in SWIN_CONFIGS:
+        extractor = build_swin_backbone(name, indices, settings.use_checkpoint, settings.backbone_weights, train)
+    else:
+        extractor = build_timm_backbone(
+            name, indices, settings.backbone_weights, freeze_bn=True, train_backbone=train,
+            use_checkpoint=settings.use_checkpoint,
+        )  # fmt: skip
+    channels = extractor.stage_channels
+    if for_mask_head and any(c * 2 ** (len(channels) - 1 - i) != channels[-1] for i, c in enumerate(channels)):
+        # The mask head's adapters take 1/2, 1/4, 1/8 of the last level's channels (ResNet and Swin layout).
+        raise ValueError(f"--masks needs stage channels that halve level by level; --backbone {name} has {channels}")
+    return extractor
+
+
 def build_backbone(
     settings: DetectorSettings,
     return_interm_layers: bool = False,
     return_interm_indices: Sequence[int] | None = None,
     **position: float | None,
 ) -> Joiner:
-    """Backbone (settings' backbone, dilation, lr_backbone, backbone_weights, backbone_stages) + position encoding.
+    """The backbone named by ``settings.backbone`` (a torchvision ResNet, a published Swin, ``timm:NAME``) with
+    the settings' weights, dilation, stages, lr_backbone and use_checkpoint, plus the position encoding.
 
     Args:
         settings: the family's settings.
         return_interm_layers: all four stages (DETR's mask head) instead of the last one.
-        return_interm_indices: the stages to return, 0 = layer1 (multi-scale families).
+        return_interm_indices: the stages to return, 0 = stride 4 ... 3 = stride 32 (multi-scale families).
         **position: the family's sine-encoding choices (``build_position_encoding``'s scale, offset, temperature,
             temperature_w).
+
+    Raises:
+        ValueError: an unknown name (one line listing the choices) or a flag the backbone does not take.
     """
-    backbone = Backbone(
-        settings.backbone,
-        train_backbone=settings.lr_backbone > 0,
-        return_interm_layers=return_interm_layers,
-        dilation=settings.dilation,
-        weights=settings.backbone_weights,
-        stages=settings.backbone_stages,
-        return_interm_indices=return_interm_indices,
-    )
+    backbone = _feature_extractor(settings, return_interm_layers, return_interm_indices)
     return Joiner(backbone, build_position_encoding(settings.position_embedding, settings.hidden_dim, **position))
 
 
@@ -301,22 +339,57 @@ def resnet_of(state: Mapping[str, Tensor], prefix: str = "") -> str | None:
     return backbones.get((bottleneck, layer3_blocks))
 
 
-def _downsample_mask_nearest(mask: Tensor, size: list[int]) -> Tensor:
-    """Nearest-neighbour resize of a [B, H, W] bool mask to ``size`` (h, w), equal to ``F.interpolate(mode="nearest")``.
+def _swin_of(state: Mapping[str, Tensor], prefix: str = "") -> str | None:
+    """The published Swin (``SWIN_CONFIGS``) whose keys ``{prefix}backbone.0.patch_embed...`` a state dict has:
+    embedding width and patch size, blocks and heads per stage, window (from the bias table's rows)."""
+    swin = f"{prefix}backbone.0."
+    embed = state.get(f"{swin}patch_embed.proj.weight")
+    if embed is None:
+        return None
+    depths, heads, windows = [], [], set()
+    while any(k.startswith(f"{swin}layers.{len(depths)}.") for k in state):
+        blocks = f"{swin}layers.{len(depths)}.blocks."
+        depths.append(len({k[len(blocks) :].split(".")[0] for k in state if k.startswith(blocks)}))
+        table = state.get(f"{blocks}0.attn.relative_position_bias_table")
+        if table is None:
+            return None
+        heads.append(table.shape[1])
+        windows.add((math.isqrt(table.shape[0]) + 1) // 2)  # (2w - 1)^2 rows
+    for name, config in SWIN_CONFIGS.items():
+        if (config.embed_dim, config.patch_size, tuple(depths), tuple(heads), {config.window_size}) == (
+            embed.shape[0], embed.shape[-1], config.depths, config.num_heads, windows,
+        ):  # fmt: skip
+            return name
+    return None
 
-    Indexing with explicit source rows/columns instead of interpolating keeps ONNX exports exact: ONNX's
-    nearest resize can round a source coordinate like 29.9999 differently and flip a whole mask row.
-    """
-    rows = _nearest_source_indices(mask.shape[-2], size[0], mask.device)
-    cols = _nearest_source_indices(mask.shape[-1], size[1], mask.device)
-    return mask[:, rows][:, :, cols]
+
+def backbone_of(state: Mapping[str, Tensor], prefix: str = "") -> str | None:
+    """The ``--backbone`` a state dict's ``{prefix}backbone.0.*`` keys tell: a torchvision ResNet or a published
+    Swin; None when they do not tell (a timm model: its name comes only from a checkpoint's stored args)."""
+    return resnet_of(state, prefix) or _swin_of(state, prefix)
 
 
-def _nearest_source_indices(size_in: int, size_out: int, device: torch.device) -> Tensor:
-    """floor(i * (size_in / size_out)) in float32 for i < size_out, clamped: F.interpolate's nearest rule.
+def backbone_levels_of(state: Mapping[str, Tensor], prefix: str = "") -> list[int] | None:
+    """The stages (0 = stride 4) a Swin state dict returns, from its output norms ``backbone.0.norm{i}``; None for
+    other backbones (their keys do not say)."""
+    if _swin_of(state, prefix) is None:
+        return None
+    return [i for i in range(4) if f"{prefix}backbone.0.norm{i}.weight" in state]
 
-    The scale is a float32 tensor rather than a Python float so that exports with symbolic sizes (the dynamo
-    ONNX exporter) can compute it; the float32 division of the two integer sizes gives the same scale.
-    """
-    scale = torch.full((), size_in, dtype=torch.float32, device=device) / size_out
-    return (torch.arange(size_out, device=device) * scale).floor().long().clamp(max=size_in - 1)
+
+def check_backbone_name(state: Mapping[str, Tensor], backbone: str, prefix: str = "") -> None:
+    """Raise a one-line ValueError when ``state`` holds a timm backbone (``backbone.0.body.*`` keys of no torchvision
+    ResNet) but ``backbone`` is no ``timm:NAME``: the keys do not tell the timm model, the stored args must."""
+    body = f"{prefix}backbone.0.body."
+    keys = [k for k in state if k.startswith(body)]
+    resnet_like = f"{body}conv1.weight" in state and f"{body}layer1.0.conv1.weight" in state  # also truncated ones
+    if keys and not resnet_like and parse_timm_name(backbone) is None:
+        raise ValueError(
+            f"the checkpoint's backbone is a timm model (keys {keys[0]}, ...) whose name its weights do not tell, and "
+            f"its stored args name none (--backbone {backbone}): pass the checkpoint with its 'args' "
+            "(backbone='timm:NAME') or give --backbone timm:NAME"
+        )
+
+
+# The name the multi-scale parts and older tests import.
+_downsample_mask_nearest = downsample_mask_nearest

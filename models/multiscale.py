@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
-from .backbone import Joiner, _downsample_mask_nearest, build_backbone
+from .backbone import Joiner, build_backbone
+from .feature_maps import downsample_mask_nearest
 from .ms_deform_attn import _is_exporting
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def project_levels(backbone: Joiner, input_proj: nn.ModuleList, samples: NestedT
         # The first extra level reads the raw last backbone map, the next ones the previous projected level.
         src = input_proj[lvl](features[-1].tensors if lvl == len(features) else srcs[-1])
         # Extra levels resize the image mask itself, not the previous level's mask.
-        mask = _downsample_mask_nearest(image_mask, src.shape[-2:])
+        mask = downsample_mask_nearest(image_mask, src.shape[-2:])
         srcs.append(src)
         masks.append(mask)
         pos.append(backbone[1](NestedTensor(src, mask)).to(src.dtype))
@@ -87,7 +88,8 @@ def project_levels(backbone: Joiner, input_proj: nn.ModuleList, samples: NestedT
 def build_multiscale_backbone(
     settings: DetectorSettings, stage_indices: Sequence[int], **position: float | None
 ) -> Joiner:
-    """Backbone returning ResNet stages ``stage_indices`` (0 = layer1), with the family's position encoding.
+    """Backbone (any ``build_backbone`` name: ResNet, Swin, ``timm:NAME``) returning stages ``stage_indices``
+    (0 = stride 4 ... 3 = stride 32), with the family's position encoding.
 
     ``settings.backbone_stages`` (this project's truncated ResNet, e.g. for the CPU demos) keeps only the stages
     below it; ``**position``: the family's sine-encoding choices (``models.position_encoding``).

@@ -17,9 +17,11 @@ class DetectorSettings:
     """The flags every family reads.
 
     Attributes:
-        backbone: torchvision ResNet name ('resnet18', 'resnet34', 'resnet50', 'resnet101').
-        backbone_weights: 'imagenet', 'none' or a ResNet .pth path.
+        backbone: a torchvision ResNet ('resnet18', 'resnet34', 'resnet50', 'resnet101'), a published Swin
+            ('swin_T_224_1k', ...) or 'timm:NAME' (``models.backbone.build_backbone``).
+        backbone_weights: 'imagenet' (ResNets), 'none' or a local .pth path.
         backbone_stages: ResNet stages kept (2, 3 or 4).
+        use_checkpoint: activation checkpointing in the Swin / timm backbone.
         dilation: dilate the last kept stage (DC5).
         lr_backbone: > 0 trains the backbone (layer2-4).
         position_embedding: 'sine' / 'v2' or 'learned' / 'v3'.
@@ -37,6 +39,7 @@ class DetectorSettings:
     backbone: str
     backbone_weights: str
     backbone_stages: int
+    use_checkpoint: bool
     dilation: bool
     lr_backbone: float
     position_embedding: str

@@ -27,7 +27,7 @@ from torchvision.ops import StochasticDepth
 
 from util.misc import NestedTensor
 
-from .backbone import _downsample_mask_nearest
+from .feature_maps import downsample_mask_nearest
 
 __all__ = [
     "SWIN_CONFIGS",
@@ -340,7 +340,7 @@ class SwinTransformer(nn.Module):
         if mask is None:
             mask = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.bool, device=images.device)
         return {
-            str(k): NestedTensor(feature, _downsample_mask_nearest(mask, feature.shape[-2:]))
+            str(k): NestedTensor(feature, downsample_mask_nearest(mask, feature.shape[-2:]))
             for k, feature in enumerate(self.forward_features(images))
         }
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from util.misc import NestedTensor
 
-from .backbone import FrozenBatchNorm2d, _downsample_mask_nearest
+from .feature_maps import FrozenBatchNorm2d, downsample_mask_nearest
 
 __all__ = ["TimmBackbone", "build_timm_backbone", "freeze_batch_norm", "import_timm", "parse_timm_name"]
 
@@ -148,7 +148,7 @@ class TimmBackbone(nn.Module):
         if isinstance(features, dict):
             features = list(features.values())
         return {
-            str(k): NestedTensor(feature, _downsample_mask_nearest(mask, feature.shape[-2:]))
+            str(k): NestedTensor(feature, downsample_mask_nearest(mask, feature.shape[-2:]))
             for k, feature in enumerate(features)
         }
 
@@ -159,6 +159,7 @@ def build_timm_backbone(
     weights: str = "none",
     freeze_bn: bool = True,
     train_backbone: bool = True,
+    use_checkpoint: bool = False,
 ) -> TimmBackbone:
     """``timm.create_model(name, features_only=True, out_indices=...)`` for the levels at strides
     ``4 * 2**i`` (i in ``return_interm_indices``), with frozen batch norm and optional local weights.
@@ -169,6 +170,7 @@ def build_timm_backbone(
             (strict: only its classifier may be absent). 'imagenet' is refused: nothing is downloaded.
         freeze_bn: replace batch norm by FrozenBatchNorm2d (as for the ResNets); False keeps trainable BN.
         train_backbone: if False every parameter is frozen (``--lr_backbone 0``).
+        use_checkpoint: activation checkpointing (timm's ``set_grad_checkpointing``) while gradients are on.
     """
     name = parse_timm_name(name) or name
     timm = import_timm()
@@ -203,6 +205,10 @@ def build_timm_backbone(
         overlay = {"state_dict": state, "file": None, "url": None, "hf_hub_id": None, "source": ""}
         kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     body = timm.create_model(name, **kwargs)
+    if use_checkpoint:
+        if not hasattr(body, "set_grad_checkpointing"):
+            raise ValueError(f"--use_checkpoint: the timm {name} features model has no activation checkpointing")
+        body.set_grad_checkpointing(True)
     if freeze_bn:
         body = freeze_batch_norm(body)
     body.requires_grad_(train_backbone)

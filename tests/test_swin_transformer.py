@@ -273,7 +273,8 @@ def test_dino_swin_l_4_and_5_scale_backbone_keys(indices, norms):
     assert "backbone.0.layers.2.blocks.17.attn.relative_position_bias_table" in keys
     assert "backbone.0.layers.2.downsample.reduction.weight" in keys
     assert not any(".layers.3.downsample." in k or k.startswith(("backbone.0.norm.", "backbone.0.head")) for k in keys)
-    assert joiner.num_channels == [192 * 2**i for i in norms] and joiner[0].strides == [4 * 2**i for i in norms]
+    assert joiner.num_channels == 1536 and joiner[0].num_channels == [192 * 2**i for i in norms]
+    assert joiner[0].strides == [4 * 2**i for i in norms]
 
 
 def _imagenet_layout(model: SwinTransformer, config: SwinConfig, num_classes: int = 10) -> dict[str, torch.Tensor]:

@@ -156,6 +156,6 @@ def test_joiner_layout_and_backbone_lr_group():
     names = [n for n, p in detector.named_parameters() if p.requires_grad]
     assert names and all(n.startswith("backbone.0.body.") for n in names)  # the published `backbone.0` lr group
     assert "backbone.0.body.stem_0.weight" in names
-    assert joiner.num_channels == [32, 48, 64]
+    assert joiner.num_channels == 64 and joiner[0].num_channels == [32, 48, 64]
     frozen = build_timm_backbone("test_convnext", (1, 2, 3), train_backbone=False)
     assert not any(p.requires_grad for p in frozen.parameters())

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..backbone import resnet_of
+from ..backbone import backbone_of
 from ..state_dict import count_layers, key_prefix
 
 __all__ = ["architecture", "has_denoising", "is_multi_scale", "multi_scale_architecture", "owns_state_dict"]
@@ -31,7 +31,8 @@ def owns_state_dict(state: Mapping[str, Tensor]) -> bool:
 
 def multi_scale_architecture(state: Mapping[str, Tensor], title: str) -> dict[str, Any]:
     """Flags every deformable family's state dict tells (per-layer heads ``class_embed.{l}``): num_classes,
-    hidden_dim, num_feature_levels, dim_feedforward, enc_layers, dec_layers, backbone; num_queries None."""
+    hidden_dim, num_feature_levels, dim_feedforward, enc_layers, dec_layers, backbone (a ResNet or Swin the keys
+    tell, else None); num_queries None."""
     if "class_embed.0.weight" not in state or "transformer.level_embed" not in state:
         raise ValueError(f"state dict has no class_embed.0/transformer.level_embed: not a {title} checkpoint")
     classes = state["class_embed.0.weight"]
@@ -42,7 +43,7 @@ def multi_scale_architecture(state: Mapping[str, Tensor], title: str) -> dict[st
         "dim_feedforward": state["transformer.encoder.layers.0.linear1.weight"].shape[0],
         "enc_layers": count_layers(state, "encoder"),
         "dec_layers": count_layers(state, "decoder"),
-        "backbone": resnet_of(state),
+        "backbone": backbone_of(state),  # None for a timm model: its name comes from the stored args
         "num_queries": None,  # two-stage Deformable DETR: the proposal count is not a weight
     }
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..backbone import resnet_of
+from ..backbone import backbone_of
 from ..state_dict import count_layers, key_prefix
 
 __all__ = ["architecture", "owns_state_dict"]
@@ -25,7 +25,8 @@ def owns_state_dict(state: Mapping[str, Tensor]) -> bool:
 
 def architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
     """num_classes, num_queries, hidden_dim, dim_feedforward, enc_layers, dec_layers, pre_norm, masks,
-    position_embedding and backbone (None: a ResNet the keys do not tell) of a DETR / DETRsegm state dict.
+    position_embedding and backbone (None: a ResNet or Swin the keys do not tell, or a timm model) of a DETR /
+    DETRsegm state dict.
 
     Raises:
         ValueError: the state dict has no class_embed / query_embed.
@@ -46,5 +47,5 @@ def architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
         "pre_norm": f"{prefix}transformer.encoder.norm.weight" in state,
         "masks": bool(prefix),
         "position_embedding": "learned" if f"{prefix}backbone.1.row_embed.weight" in state else "sine",
-        "backbone": resnet_of(state, prefix),
+        "backbone": backbone_of(state, prefix),
     }

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..backbone import backbone_levels_of
 from ..deformable_detr.checkpoint import has_denoising, is_multi_scale, multi_scale_architecture
 
 __all__ = ["architecture", "owns_state_dict"]
@@ -18,7 +19,8 @@ def owns_state_dict(state: Mapping[str, Tensor]) -> bool:
 
 
 def architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The multi-scale flags (``multi_scale_architecture``) plus num_queries and dn_labelbook_size.
+    """The multi-scale flags (``multi_scale_architecture``) plus num_queries, dn_labelbook_size and, for a Swin
+    backbone, return_interm_indices (its output norms ``backbone.0.norm{i}``).
 
     Raises:
         ValueError: not a DINO state dict (no class_embed.0 / transformer.level_embed).
@@ -26,4 +28,5 @@ def architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
     arch = multi_scale_architecture(state, "dino")
     arch["num_queries"] = state["transformer.tgt_embed.weight"].shape[0]
     arch["dn_labelbook_size"] = state["label_enc.weight"].shape[0] - 1
+    arch["return_interm_indices"] = backbone_levels_of(state)
     return arch
