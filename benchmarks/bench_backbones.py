@@ -4,7 +4,7 @@ Mode ``backbone`` (default): the backbone alone returning the DINO 4-scale level
 weights, one random image of ``--size`` px, loss = sum of squares of the returned maps, ``backward()``.
 Mode ``full``: one training step of a whole detector (``--model``, default dino) built from the project's
 argument parser with ``--backbone NAME --backbone_weights none`` plus ``--flags``: forward, weighted loss,
-backward (no optimizer step). This needs the backbone name to be wired into ``build_model``.
+backward (no optimizer step); any ``--backbone`` name ``models.backbone.build_backbone`` takes.
 
 Times are the median of the process's CPU time per step (``time.process_time``: with ``--threads 1`` the compute
 of one core, steady on a shared machine), wall-clock median beside it; every backbone runs in its own subprocess.
@@ -71,8 +71,8 @@ def _full_step(name: str, opts: argparse.Namespace):
     from bench_train import _make_batch
 
     import models
-    from main import get_args_parser
     from cli.config import parse_args_with_config
+    from main import get_args_parser
     from util.misc import nested_tensor_from_tensor_list
 
     flags = ["--model", opts.model, "--backbone", name, "--backbone_weights", "none", "--device", "cpu"]
