@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import random
@@ -21,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from cli.arguments import check_family_flags, get_args_parser
 from cli.config import (
@@ -37,15 +35,18 @@ from cli.config import (
 from run import distributed as run_distributed
 from run.checkpoint import CheckpointError, save_checkpoint
 from run.context import RunContext
+from run.ema import build_ema
 from run.family import adopt_checkpoint_family
+from run.loaders import begin_epoch, build_data_loaders
+from run.lr_warmup import LinearWarmup, step_epoch_scheduler
 from run.preemption import PreemptionHandler, requeue_slurm_job
+from run.recipe import apply_family_data, build_lr_scheduler, build_optimizer, class_numbering
 from run.run_dir import check_new_run_dir, next_free_run_dir, resume_command
 from run.run_state import TrainState, checkpoint_paths, load_weights
 from util import distributed as dist_utils
 from util.acceleration import apply_channels_last, compile_model
 from util.amp import make_grad_scaler
 from util.logging import MetricTracker, RunLogger, setup_console
-from util.misc import collate_fn
 from util.threads import busy_hint, choose_threads
 
 # models, datasets and engine are imported inside main(): get_args_parser() stays cheap and importable alone.
@@ -54,91 +55,6 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 # ------------------------------------------------------------------------------------------------ building
-
-
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """The published parameter groups, by substring of the parameter name: --lr_backbone_names at lr_backbone,
-    --lr_linear_proj_names (Deformable DETR / DINO sampling offsets and reference points) at lr x
-    lr_linear_proj_mult, the rest at lr. AdamW (SGD with momentum 0.9 under --sgd)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    def matches(name: str, keywords: list[str]) -> bool:
-        return any(k in name for k in keywords)
-
-    backbone, linear_proj = args.lr_backbone_names, args.lr_linear_proj_names
-    param_dicts = [
-        {"params": [p for n, p in named if not matches(n, backbone) and not matches(n, linear_proj)], "lr": args.lr},
-        {"params": [p for n, p in named if matches(n, backbone)], "lr": args.lr_backbone},
-    ]
-    if linear_proj:  # DETR's optimizer keeps its published two groups (and its checkpoints' layout)
-        param_dicts.append(
-            {"params": [p for n, p in named if matches(n, linear_proj)], "lr": args.lr * args.lr_linear_proj_mult}
-        )
-    if args.sgd:
-        return torch.optim.SGD(param_dicts, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    # The fused kernel (one launch for all tensors) is the same AdamW update, a few % of a CPU/CUDA step faster.
-    fused = bool(named) and all(p.device.type in ("cpu", "cuda") for _, p in named)
-    return torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
-
-
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
-    """StepLR(--lr_drop) as published; MultiStepLR at --lr_drop_epochs when given."""
-    if args.lr_drop_epochs:
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted(args.lr_drop_epochs))
-    return torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-
-
-class ResumableBatchSampler(BatchSampler):
-    """BatchSampler whose next pass starts ``skip`` batches in (a mid-epoch resume), without loading them."""
-
-    skip = 0
-
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        return itertools.islice(super().__iter__(), skip, None)
-
-
-def build_data_loaders(args: argparse.Namespace, dataset_train, dataset_val, device: torch.device,
-                       distributed: bool = False):  # fmt: skip
-    """(train loader or None, val loader): distributed or random/sequential sampling, padded collation."""
-    common = dict(
-        collate_fn=functools.partial(collate_fn, size_divisibility=args.size_divisibility),
-        num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.num_workers > 0,
-    )
-    sampler_val = DistributedSampler(dataset_val, shuffle=False) if distributed else SequentialSampler(dataset_val)
-    loader_val = DataLoader(
-        dataset_val, args.eval_batch_size or args.batch_size, sampler=sampler_val, drop_last=False, **common
-    )
-    if dataset_train is None:
-        return None, loader_val
-    if distributed:
-        sampler_train = DistributedSampler(dataset_train, seed=args.seed)
-    else:
-        sampler_train = RandomSampler(dataset_train, generator=torch.Generator())
-    batch_sampler = ResumableBatchSampler(sampler_train, args.batch_size, drop_last=True)
-    if len(batch_sampler) == 0:
-        raise UsageError(
-            f"the training set has {len(sampler_train)} images per process, fewer than --batch_size "
-            f"{args.batch_size}; lower --batch_size or add images"
-        )
-    # Its own generator: the workers' base seed is drawn from it, not from the global torch RNG (which a
-    # mid-epoch checkpoint captures after the epoch's iterator was created: an extra draw breaks exact resume).
-    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, generator=torch.Generator(), **common)
-    return loader_train, loader_val
-
-
-def begin_epoch(loader: DataLoader, epoch: int, seed: int, skip: int = 0) -> None:
-    """Shuffle ``epoch`` in a reproducible order (seed + epoch, as DistributedSampler does) from batch ``skip``."""
-    sampler = loader.batch_sampler.sampler
-    if isinstance(sampler, DistributedSampler):
-        sampler.set_epoch(epoch)
-    elif isinstance(sampler, RandomSampler):
-        sampler.generator.manual_seed(seed + epoch)
-    loader.batch_sampler.skip = skip
-    if loader.generator is not None:  # worker seeds: a function of (seed, rank, epoch) only
-        loader.generator.manual_seed((seed + dist_utils.get_rank()) * 100_003 + epoch)
 
 
 def warn_dilated_eval_batch(args: argparse.Namespace) -> None:
@@ -334,8 +250,10 @@ def _run(args: argparse.Namespace, ctx: RunContext) -> dict[str, Any]:
     _seed_everything(args.seed + dist_utils.get_rank())
 
     data = datasets.data_settings(args)
-    ctx.num_classes = datasets.num_classes_for(data)
-    data = dataclasses.replace(data, num_classes=ctx.num_classes)
+    family = models.FAMILIES[args.model]
+    family_settings = family.make_settings(vars(args))
+    category_ids, ctx.num_classes = class_numbering(family, family_settings, data, args.num_classes)
+    data = dataclasses.replace(data, num_classes=ctx.num_classes, remap_categories=category_ids is not None)
     record = ctx.record(args)  # the flags as resolved here: written to checkpoints and config files
     build_flags = record
     if args.resume and args.resume != "auto" and args.backbone_weights == "imagenet":
@@ -345,6 +263,10 @@ def _run(args: argparse.Namespace, ctx: RunContext) -> dict[str, Any]:
         model, criterion, postprocessors = models.build_model(build_flags, ctx.num_classes)
     except ValueError as e:  # flags that do not fit together, e.g. --masks with --backbone_stages 2
         raise UsageError(str(e)) from None
+    if category_ids is not None:
+        postprocessors["bbox"].set_category_ids(category_ids)
+    if ctx.dist.distributed and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     criterion.to(device)
     model_without_ddp = model
@@ -363,12 +285,17 @@ def _run(args: argparse.Namespace, ctx: RunContext) -> dict[str, Any]:
         scaler = make_grad_scaler(args.amp, device.type)
     except ValueError as e:  # e.g. --amp fp16 on a CPU
         raise UsageError(str(e)) from None
+    lr_scheduler = build_lr_scheduler(optimizer, args)  # before the warm-up, which lowers the groups' lr
     state = TrainState(
-        model_without_ddp, optimizer, build_lr_scheduler(optimizer, args), scaler, start_epoch=args.start_epoch
-    )
+        model_without_ddp, optimizer, lr_scheduler, scaler, start_epoch=args.start_epoch,
+        ema=build_ema(model_without_ddp, args.ema_decay, args.ema_warmups),
+        warmup=LinearWarmup(optimizer, args.warmup_iters) if args.warmup_iters > 0 else None,
+    )  # fmt: skip
     dataset_val = datasets.build_dataset("val", data)
     dataset_train = None if args.eval else datasets.build_dataset("train", data)
-    loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device, ctx.dist.distributed)
+    train_collate = apply_family_data(family, family_settings, category_ids, dataset_val, dataset_train)
+    loader_train, loader_val = build_data_loaders(args, dataset_train, dataset_val, device, ctx.dist.distributed,
+                                                  train_collate)  # fmt: skip
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)  # panoptic: its instance annotations (box AP)
     if base_ds is not None and base_ds.dataset.get("categories"):
         state.class_names = {int(c["id"]): str(c["name"]) for c in base_ds.dataset["categories"] if "name" in c}
@@ -385,8 +312,9 @@ def _run(args: argparse.Namespace, ctx: RunContext) -> dict[str, Any]:
     eval_kwargs = dict(
         progress=not args.no_progress, max_iters=args.max_iters_per_epoch, amp=args.amp, eval_backend=args.eval_backend
     )
+    eval_model = model if state.ema is None else state.ema.module  # the EMA weights are the ones evaluated
     evaluate_now = functools.partial(
-        evaluate, model, criterion, postprocessors, loader_val, base_ds, device, args.output_dir, **eval_kwargs
+        evaluate, eval_model, criterion, postprocessors, loader_val, base_ds, device, args.output_dir, **eval_kwargs
     )
     if not args.eval:
         return _train(args, ctx, record, model, criterion, state, loader_train, evaluate_now, n_parameters,
@@ -433,7 +361,11 @@ def _train(args, ctx: RunContext, record: argparse.Namespace, model, criterion, 
             skipped_before = skipped_samples(loader_train.dataset)
 
             def on_step(done: int, epoch: int = epoch, tracker: MetricTracker = tracker) -> bool:
-                """After each step: stop on a preemption signal; mid-epoch checkpoints (--checkpoint_every)."""
+                """After each step: EMA and warm-up; stop on a preemption signal; mid-epoch checkpoints."""
+                if state.ema is not None:
+                    state.ema.update(model)
+                if state.warmup is not None:
+                    state.warmup.step()
                 stop = preemption.requested_on_any_rank(device)
                 periodic = args.checkpoint_every > 0 and done % args.checkpoint_every == 0 and done < n_iters
                 if (stop or periodic) and output_dir is not None:
@@ -454,7 +386,7 @@ def _train(args, ctx: RunContext, record: argparse.Namespace, model, criterion, 
                 if not preemption.forward_to_previous():  # submitit's own handler requeues when there is one
                     requeue_slurm_job()
                 return test_stats
-            state.lr_scheduler.step()
+            step_epoch_scheduler(state.lr_scheduler, state.warmup)  # not while the warm-up runs (published)
             if output_dir is not None:
                 save(state.checkpoint(record, epoch), checkpoint_paths(output_dir, epoch, args.lr_drop))
 

@@ -18,7 +18,7 @@ import argparse
 import functools
 import glob
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
 from run.checkpoint import CheckpointError
-from run.model_loading import load_model
+from run.model_loading import input_transform, labels_are_indices, load_model
 from util.class_names import category_ids, class_name, resolve_class_names
 from util.misc import nested_tensor_from_tensor_list
 
@@ -133,6 +133,7 @@ def predict_batch(
     device: str,
     input_scale: float = 1.0,
     class_ids: Sequence[int] | None = None,
+    transform: Callable | None = None,
 ) -> list[dict[str, Tensor]]:
     """Detections for PIL images: per image 'scores' [N], 'labels' [N], 'boxes' [N, 4] x0y0x1y1 in original pixels.
 
@@ -141,7 +142,10 @@ def predict_batch(
     """
     from models.postprocess import PostProcessTopK
 
-    tensors = [eval_transform(image, input_scale).to(device) for image in images]
+    if transform is not None:  # the family's own eval pipeline (e.g. RT-DETRv2: 640 x 640, no mean/std)
+        tensors = [transform(image, None)[0].to(device) for image in images]
+    else:
+        tensors = [eval_transform(image, input_scale).to(device) for image in images]
     outputs = model(nested_tensor_from_tensor_list(tensors))
     if class_ids is not None and isinstance(postprocessor, PostProcessTopK):
         outputs = restrict_to_classes(outputs, None, class_ids)
@@ -228,7 +232,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     images = find_images(args.inputs)
     model, postprocessors, model_args, checkpoint = load_model(args.checkpoint, device=args.device)
     names = resolve_class_names(checkpoint, model_args.num_classes, args.categories)
-    class_ids = category_ids(checkpoint, model_args.num_classes, args.categories)
+    # Labels that are indices of the dataset's categories are all categories (reported as their ids).
+    class_ids = None if labels_are_indices(model_args) else category_ids(checkpoint, model_args.num_classes,
+                                                                         args.categories)  # fmt: skip
+    transform = input_transform(model_args)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(images)
@@ -238,8 +245,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         paths = images[start : start + args.batch_size]
         pil_images = [open_rgb(p) for p in paths]
         batch = predict_batch(
-            model, postprocessors["bbox"], pil_images, args.device, model_args.input_scale, class_ids=class_ids
-        )
+            model, postprocessors["bbox"], pil_images, args.device, model_args.input_scale, class_ids=class_ids,
+            transform=transform,
+        )  # fmt: skip
         for offset, (path, image, detections) in enumerate(zip(paths, pil_images, batch)):
             keep = detections["scores"] > args.threshold
             kept = {k: v[keep] for k, v in detections.items()}

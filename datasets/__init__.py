@@ -22,6 +22,7 @@ __all__ = [
     "DataSettings",
     "DatasetError",
     "build_dataset",
+    "category_ids_for",
     "get_coco_api_from_dataset",
     "num_classes_for",
     "skipped_samples",
@@ -80,6 +81,19 @@ def num_classes_for(args: argparse.Namespace | DataSettings) -> int:
     return max_category_id(load_coco_json(ann_file), ann_file) + 1
 
 
+def category_ids_for(args: argparse.Namespace | DataSettings) -> list[int]:
+    """The sorted category ids of the training annotation file (of the validation file with --eval only)."""
+    settings = data_settings(args)
+    split = "train"
+    if settings.eval and settings.coco_path is None and not (settings.train_img_folder or settings.train_ann_file):
+        split = "val"
+    _, ann_file = coco.coco_paths(split, settings)
+    categories = load_coco_json(ann_file).get("categories") or []
+    if not categories:
+        raise DatasetError(f"{ann_file}: no 'categories' to number the classes by")
+    return sorted(int(c["id"]) for c in categories)
+
+
 def build_dataset(image_set: str, args: argparse.Namespace | DataSettings) -> torch.utils.data.Dataset:
     """The dataset of split ``image_set`` ('train' or 'val') selected by ``args.dataset_file``.
 
@@ -97,7 +111,7 @@ def build_dataset(image_set: str, args: argparse.Namespace | DataSettings) -> to
     if num_classes is None:
         num_classes = _DEFAULT_NUM_CLASSES[settings.dataset_file]
     largest = max_category_id(dataset.coco.dataset, dataset.ann_file)
-    if largest >= num_classes:
+    if largest >= num_classes and not settings.remap_categories:
         raise DatasetError(
             f"{dataset.ann_file}: category id {largest} >= num_classes {num_classes}; "
             f"pass --num_classes {largest + 1} or higher (or leave it unset to infer it)"

@@ -142,6 +142,15 @@ class CocoDetection(SkippingDataset):
         self.excluded_ids = self._check_boxes(data)
         self.ids = sorted(set(self.coco.imgs) - set(self.excluded_ids))
 
+    @property
+    def transforms(self) -> Any:
+        """The sample transforms; assignable (a family's own pipeline, ``Family.data_transforms``)."""
+        return self._transforms
+
+    @transforms.setter
+    def transforms(self, value: Any) -> None:
+        self._transforms = value
+
     def _check_boxes(self, data: dict[str, Any]) -> list[int]:
         negative = negative_size_box_annotations(data)
         if negative:  # the published code drops them (like zero-size boxes) and trains on: one warning per file

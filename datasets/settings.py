@@ -33,6 +33,8 @@ class DataSettings:
     skip_bad_images: bool = False
     num_classes: int | None = None
     eval: bool = False
+    # Labels are indices of the sorted category ids (a family's contiguous_labels): any id fits the classifier.
+    remap_categories: bool = False
 
     @classmethod
     def from_flags(cls, values: Mapping[str, Any]) -> DataSettings:

@@ -44,6 +44,15 @@ class Family:
             rest of the one-line error, e.g. "DINO is always two-stage; drop --two_stage").
         keep_initial_heads: fine-tuning keeps the freshly built values of re-initialised heads instead of
             ``reset_parameters`` (their initialisation is special, e.g. the focal-loss prior of sigmoid heads).
+        contiguous_labels: ``(settings) -> bool``; True: the classifier's labels are the indices 0..K-1 of the
+            dataset's sorted category ids (K = their number), the framework remaps the dataset's labels (a
+            ``datasets.rtdetr_transforms.CategoryMap`` handed to ``data_transforms``) and tells the 'bbox'
+            postprocessor the ids to report (its ``set_category_ids(ids)``). None: labels are the category ids.
+        data_transforms: ``(image_set, settings, category_map) -> transform`` of the family's own data pipeline
+            (``transform(image, target) -> (tensor, target)``, optionally with ``set_epoch(epoch)``); None: the
+            framework's (``datasets.coco.make_coco_transforms``). ``image_set`` 'train' or 'val'.
+        batch_collate: ``(settings) -> collate_fn`` of the training batches (optionally with ``set_epoch``);
+            None: the framework's padded collation.
     """
 
     name: str
@@ -57,6 +66,9 @@ class Family:
     hub_recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     refused_flags: Mapping[str, str] = field(default_factory=dict)
     keep_initial_heads: bool = False
+    contiguous_labels: Callable[[Any], bool] | None = None
+    data_transforms: Callable[[str, Any, Any], Callable] | None = None
+    batch_collate: Callable[[Any], Callable] | None = None
 
     def __post_init__(self) -> None:
         if not dataclasses.is_dataclass(self.settings):

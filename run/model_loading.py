@@ -9,7 +9,7 @@ shapes win (``Family.architecture``).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -18,7 +18,15 @@ from cli.arguments import get_args_parser
 from models import FAMILIES, build_model, family_of_state_dict
 from run.checkpoint import checkpoint_args_to_namespace, inference_weights, load_checkpoint
 
-__all__ = ["checkpoint_family", "infer_architecture", "load_model", "model_args_from_checkpoint"]
+__all__ = [
+    "checkpoint_family",
+    "infer_architecture",
+    "input_transform",
+    "labels_are_indices",
+    "load_model",
+    "model_args_from_checkpoint",
+    "stored_category_ids",
+]
 
 # Flags that only make sense for the run that wrote the checkpoint: a rebuilt model never re-reads them.
 _RUN_ONLY = {"backbone_weights": "none", "frozen_weights": None, "resume": "", "finetune": None}
@@ -79,4 +87,30 @@ def load_model(
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0:3]
         raise ValueError(f"{checkpoint_path}: weights do not fit the rebuilt model ({' '.join(first)})") from None
+    if labels_are_indices(args):
+        ids = stored_category_ids(checkpoint)  # this project's runs store the dataset's categories
+        if ids is not None and len(ids) == args.num_classes:
+            postprocessors["bbox"].set_category_ids(ids)
     return model.to(device).eval(), postprocessors, args, checkpoint
+
+
+def labels_are_indices(args: argparse.Namespace) -> bool:
+    """True when the model's labels are indices of its dataset's sorted category ids (``Family.contiguous_labels``);
+    its 'bbox' postprocessor then reports the ids themselves."""
+    family = FAMILIES[args.model]
+    return family.contiguous_labels is not None and family.contiguous_labels(family.make_settings(vars(args)))
+
+
+def stored_category_ids(checkpoint: Mapping[str, Any]) -> list[int] | None:
+    """The sorted category ids of a checkpoint's stored 'class_names' ({id: name}), or None."""
+    names = checkpoint.get("class_names")
+    return sorted(int(i) for i in names) if isinstance(names, Mapping) and names else None
+
+
+def input_transform(args: argparse.Namespace) -> Callable | None:
+    """The family's own eval transform of a model built from ``args`` (``Family.data_transforms('val')``:
+    ``transform(image, None) -> (tensor, None)``), or None for the framework's (DETR's) resize and normalisation."""
+    family = FAMILIES[args.model]
+    if family.data_transforms is None:
+        return None
+    return family.data_transforms("val", family.make_settings(vars(args)), None)

@@ -18,7 +18,15 @@ from torch import nn
 
 from cli.config import config_dict
 from models import FAMILIES
-from run.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, resume_position
+from run.checkpoint import (
+    CheckpointError,
+    find_resume_checkpoint,
+    inference_weights,
+    load_checkpoint,
+    resume_position,
+)
+from run.ema import ModelEMA
+from run.lr_warmup import LinearWarmup
 from run.rng_state import capture_rng_state, restore_rng_state
 from util import distributed as dist_utils
 from util.logging import MetricTracker
@@ -47,6 +55,10 @@ class TrainState:
     start_epoch: int = 0
     # The dataset's {category id: name}, stored so predict.py names classes without --categories.
     class_names: dict[int, str] | None = None
+    # --ema_decay > 0: the averaged weights (evaluated, saved as the published 'ema' entry {module, updates}).
+    ema: ModelEMA | None = None
+    # --warmup_iters > 0: the per-step linear warm-up (saved as 'lr_warmup').
+    warmup: LinearWarmup | None = None
 
     def checkpoint(
         self, args: argparse.Namespace, epoch: int, iteration: int = 0, metrics: MetricTracker | None = None
@@ -66,6 +78,10 @@ class TrainState:
         }
         if self.class_names:
             ckpt["class_names"] = dict(self.class_names)
+        if self.ema is not None:
+            ckpt["ema"] = self.ema.state_dict()
+        if self.warmup is not None:
+            ckpt["lr_warmup"] = self.warmup.state_dict()
         if iteration:
             ckpt["iteration"] = iteration
             if metrics is not None:
@@ -80,6 +96,8 @@ class TrainState:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.run_id = str(ckpt.get("run_id") or self.run_id)
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if self.warmup is not None and "lr_warmup" in ckpt:
+            self.warmup.load_state_dict(ckpt["lr_warmup"])
         _reconcile_schedule(args, ckpt, self.optimizer, self.lr_scheduler)
         if "scaler" in ckpt and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -128,6 +146,7 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
     if resume:
         ckpt = load_checkpoint(resume, hint="check the path, or use --resume auto to continue from --output_dir")
         _load_model(state.model, ckpt, resume, args)
+        _load_ema(state, ckpt)
         _warn_behaviour_mismatch(args, ckpt, resume)
         if args.eval:
             log.info("evaluating the weights of %s", resume)
@@ -143,7 +162,20 @@ def load_weights(args: argparse.Namespace, state: TrainState) -> int:
         # e.g. sigmoid class heads keep the fresh build's focal prior (bias -4.6) instead of reset_parameters.
         keep = FAMILIES[args.model].keep_initial_heads
         load_for_finetuning(state.model, args.finetune, keep_initial=keep)
+        _load_ema(state, {})  # the EMA starts from the fine-tuning weights
     return 0
+
+
+def _load_ema(state: TrainState, ckpt: dict) -> None:
+    """The checkpoint's EMA ('ema'), else a fresh copy of ``state.model`` (no EMA without --ema_decay)."""
+    ema = getattr(state, "ema", None)  # a bare holder of the model (tests, tools) has none
+    if ema is None:
+        return
+    if isinstance(ckpt.get("ema"), dict):
+        ema.load_state_dict(ckpt["ema"])
+    else:
+        ema.module.load_state_dict(state.model.state_dict())
+        ema.updates = 0
 
 
 # Flags whose stored value, when it differs from this run's, explains a state-dict mismatch.
@@ -156,10 +188,11 @@ ARCHITECTURE_FLAGS = (
 
 def _load_model(model: nn.Module, ckpt: dict, source: str, args: argparse.Namespace | None = None) -> None:
     """Strict state-dict loading; a mismatch is one line: counts, first keys, and the checkpoint's differing flags."""
-    if "model" not in ckpt:
+    weights = ckpt["model"] if "model" in ckpt else inference_weights(ckpt)  # published RT-DETR: 'ema' only
+    if weights is None:
         raise CheckpointError(f"checkpoint {source} has no 'model' entry (keys: {sorted(ckpt)[:5]})")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(mismatch_summary(model.state_dict(), ckpt, source, args, e)) from None
 
@@ -168,7 +201,7 @@ def mismatch_summary(
     model_state: dict, ckpt: dict, source: str, args: argparse.Namespace | None, error: Exception | None = None
 ) -> str:
     """One line on why ``ckpt['model']`` does not fit ``model_state`` (every key is never listed)."""
-    state = ckpt["model"]
+    state = ckpt["model"] if "model" in ckpt else inference_weights(ckpt)
     missing = [k for k in model_state if k not in state]
     unexpected = [k for k in state if k not in model_state]
     shapes = [

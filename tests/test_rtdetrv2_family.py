@@ -195,3 +195,73 @@ def test_hub_entries_and_published_checkpoint_layouts(tmp_path):
     assert torch.allclose(tuned.decoder.enc_score_head.bias, torch.full((5,), -4.59512), atol=1e-4)
     key = "encoder.input_proj.0.conv.weight"
     assert torch.equal(tuned.state_dict()[key], state[key])
+
+
+RUN_FLAGS = (
+    "--synthetic_train_size", "4", "--synthetic_val_size", "2", "--batch_size", "2", "--lr", "1e-3",
+    "--no_progress", "--multiscale_sizes", "64", "96", "--warmup_iters", "3", "--ema_decay", "0.9",
+    "--ema_warmups", "2", "--aug_stop_epoch", "1", "--eval_every", "5",
+)  # fmt: skip
+# (Evaluating only after the last epoch as tests/test_exact_resume.py does: an evaluation between epochs draws the
+# validation loader's seed from the global generator after the checkpoint captured it.)
+
+
+def _train(data: Path, out: Path, *extra: str) -> dict:
+    import main as main_module
+
+    args = tiny(*RUN_FLAGS, "--synthetic_dir", str(data), "--output_dir", str(out), *extra)
+    args._explicit = frozenset({"device", *(e[2:] for e in extra if e.startswith("--"))})
+    return main_module.main(args)
+
+
+@pytest.mark.slow
+def test_end_to_end_train_eval_resume_predict(tmp_path):
+    """Two epochs on the generated data (6 categories, ids 1..12): EMA and warm-up checkpointed, exact resume,
+    evaluation and prediction in the dataset's category ids."""
+    from run.checkpoint import load_checkpoint
+    from run.model_loading import load_model
+
+    data = tmp_path / "data"
+    stats = _train(data, tmp_path / "full", "--epochs", "2")
+    assert len(stats["coco_eval_bbox"]) == 12
+    full = load_checkpoint(tmp_path / "full" / "checkpoint.pth")
+    assert full["ema"]["updates"] == 4 and full["lr_warmup"]["step_count"] == 4
+    assert full["model"]["decoder.enc_score_head.weight"].shape[0] == 6  # the 6 categories, labels 0..5
+    assert len(full["optimizer"]["param_groups"]) == 4  # backbone / backbone BN (wd 0) / norms (wd 0) / rest
+    assert [g["weight_decay"] for g in full["optimizer"]["param_groups"]] == [1e-4, 0.0, 0.0, 1e-4]
+    assert any(not torch.equal(full["ema"]["module"][k], v) for k, v in full["model"].items())
+    # One epoch, then --resume to two: every weight, the EMA and the warm-up equal the straight run's.
+    _train(data, tmp_path / "half", "--epochs", "1")
+    _train(data, tmp_path / "half", "--epochs", "2", "--resume", str(tmp_path / "half" / "checkpoint.pth"))
+    resumed = load_checkpoint(tmp_path / "half" / "checkpoint.pth")
+    for key in ("model",):
+        assert all(torch.equal(resumed[key][k], v) for k, v in full[key].items()), key
+    assert all(torch.equal(resumed["ema"]["module"][k], v) for k, v in full["ema"]["module"].items())
+    assert resumed["lr_warmup"] == full["lr_warmup"] and resumed["ema"]["updates"] == 4
+    # Prediction rebuilds the EMA weights and reports the generated dataset's category ids.
+    model, post, args, _ = load_model(str(tmp_path / "full" / "checkpoint.pth"))
+    key = "decoder.enc_score_head.bias"
+    assert torch.equal(model.state_dict()[key], full["ema"]["module"][key])
+    assert post["bbox"].category_ids.tolist() == [1, 3, 4, 7, 9, 12]
+
+
+def test_the_epoch_reaches_the_train_transform_and_the_collation():
+    from datasets.rtdetr_transforms import MultiScaleCollate, RTDETRTrainTransform
+    from run.loaders import begin_epoch, build_data_loaders
+
+    class Data(torch.utils.data.Dataset):
+        transforms = RTDETRTrainTransform(aug_stop_epoch=3)
+
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> int:
+            return index
+
+    collate = MultiScaleCollate([64], stop_epoch=2)
+    args = tiny("--batch_size", "2")
+    loader, _ = build_data_loaders(args, Data(), Data(), torch.device("cpu"), train_collate=collate)
+    assert loader.collate_fn is collate and not loader.persistent_workers
+    for epoch, augmenting, multiscale in ((0, True, True), (2, True, False), (3, False, False)):
+        begin_epoch(loader, epoch, seed=0)
+        assert (Data.transforms.augmenting, collate.active) == (augmenting, multiscale), epoch

@@ -9,6 +9,7 @@ from .build import build, build_criterion, build_model
 from .checkpoint import architecture, owns_state_dict
 from .config import RECIPES, RTDETRv2Config, recipe
 from .criterion import RTDETRCriterionv2, rtdetr_weight_dict
+from .data import batch_collate, contiguous_labels, data_transforms
 from .decoder import MSDeformableAttention, RTDETRTransformerv2, generate_anchors
 from .hybrid_encoder import HybridEncoder, sincos_2d_position_embedding
 from .postprocess import COCO_CATEGORY_IDS, RTDETRPostProcessor
@@ -119,4 +120,7 @@ FAMILY = Family(
         "--position_embedding",
     },
     keep_initial_heads=True,  # re-initialised score heads keep the focal prior (bias -log(99))
+    contiguous_labels=contiguous_labels,
+    data_transforms=data_transforms,
+    batch_collate=batch_collate,
 )

@@ -30,6 +30,11 @@ class RTDETRPostProcessor(PostProcessTopK):
         ids = torch.as_tensor(list(category_ids), dtype=torch.int64) if category_ids is not None else None
         self.register_buffer("category_ids", ids, persistent=False)
 
+    def set_category_ids(self, category_ids: Sequence[int] | None) -> None:
+        """Report label i as ``category_ids[i]`` (the dataset's sorted ids); None: labels stay class indices."""
+        ids = None if category_ids is None else torch.as_tensor(list(category_ids), dtype=torch.int64)
+        self.register_buffer("category_ids", ids, persistent=False)
+
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], target_sizes: Tensor) -> list[dict[str, Tensor]]:
         """outputs 'pred_logits' [B, K, C], 'pred_boxes' [B, K, 4] normalised cxcywh; target_sizes [B, 2] (h, w).

@@ -21,6 +21,9 @@ class RTDETR(nn.Module):
         decoder: RTDETRTransformerv2.
     """
 
+    # The training loop passes the targets (denoising queries are built from them): model(samples, targets).
+    needs_targets = True
+
     def __init__(self, backbone: nn.Module, encoder: nn.Module, decoder: nn.Module):
         super().__init__()
         self.backbone = backbone
