@@ -119,6 +119,22 @@ def test_published_layout_swin_l_dino_state_dict_loads_strictly_and_reproduces_o
     _assert_same_outputs(source, loaded)
 
 
+def test_swin_l_dino_state_dict_loads_strictly_into_a_model_built_from_flags():
+    """The default-run version of the test above: the Swin-L backbone with a small DINO transformer; the second
+    model is built on the meta device from the same flags and takes the state dict strictly (``assign``)."""
+    args = parse_tiny_args(*FAMILY_FLAGS["dino"], "--backbone", "swin_L_384_22k", "--nheads", "8")
+    source = build_model(args)[0]
+    state = source.state_dict()
+    assert backbone_of(state) == "swin_L_384_22k" and backbone_levels_of(state) == [1, 2, 3]
+    with torch.device("meta"):
+        loaded = build_model(args)[0]
+    loaded.load_state_dict(state, strict=True, assign=True)
+    images = nested_tensor_from_tensor_list([torch.randn(3, 40, 32)])
+    with torch.no_grad():
+        out_a, out_b = source.eval()(images), loaded.eval()(images)
+    torch.testing.assert_close(out_a["pred_boxes"], out_b["pred_boxes"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", ["dino", "deformable_detr", "detr"])
 def test_swin_checkpoint_rebuilds_from_its_keys_alone(family):
     """No stored args: the keys tell the Swin and (DINO) its levels; predict.py's loader reproduces the outputs."""
