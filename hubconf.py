@@ -101,7 +101,7 @@ def _detector(name, backbone, dilation, pretrained, num_classes, return_postproc
 def _panoptic(
     name, backbone, dilation, pretrained, num_classes, threshold, return_postprocessor, backbone_weights, **overrides
 ):
-    from models.segmentation import PostProcessPanoptic
+    from models.detr.segmentation import PostProcessPanoptic
 
     model, _, _ = _make(name, backbone, dilation, True, pretrained, num_classes, 250, backbone_weights, **overrides)
     if return_postprocessor:

@@ -33,9 +33,9 @@ class RunContext:
     num_classes: int | None = None
 
     def record(self, args: argparse.Namespace) -> argparse.Namespace:
-        """The flags as this run resolved them, for checkpoints and config files: ``args`` with the device and the
-        class count it used (a new Namespace; ``args`` is left as parsed)."""
-        resolved: dict[str, Any] = {**vars(args), "device": str(self.device)}
+        """The flags as this run resolved them, for checkpoints and config files: ``args`` with the device, the
+        process count and the class count it used (a new Namespace; ``args`` is left as parsed)."""
+        resolved: dict[str, Any] = {**vars(args), "device": str(self.device), "world_size": self.dist.world_size}
         if self.num_classes is not None:
             resolved["num_classes"] = self.num_classes
         return argparse.Namespace(**resolved)
