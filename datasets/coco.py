@@ -24,6 +24,7 @@ from datasets.coco_io import (
     load_coco_json,
     negative_size_box_annotations,
     read_image_rgb,
+    segmentation_problem,
 )
 from datasets.errors import DatasetError
 from datasets.settings import DataSettings
@@ -88,9 +89,13 @@ class ConvertCocoPolysToMask:
             "size": torch.tensor([height, width], dtype=torch.int64),
         }
         if self.return_masks:
-            missing = [a["id"] for a in annotations if "segmentation" not in a]
+            missing = [a["id"] for a in annotations if a.get("segmentation") is None]
             if missing:
                 raise DatasetError(f"annotation id {missing[0]} has no 'segmentation'; --masks needs instance masks")
+            for a in annotations:  # load_coco_json checked the types; the content is checked where it is used
+                problem = segmentation_problem(a["segmentation"], height, width)
+                if problem:
+                    raise DatasetError(f"annotation id {a['id']}: {problem}")
             out["masks"] = convert_coco_poly_to_mask([a["segmentation"] for a in annotations], height, width)
         # NaN boxes compare False, so they are dropped here too.
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
@@ -201,7 +206,7 @@ class CocoDetection(SkippingDataset):
         try:
             image, target = self.prepare(image, {"image_id": image_id, "annotations": self.coco.imgToAnns[image_id]})
         except DatasetError as err:
-            raise DatasetError(f"{path}: {err}") from None
+            raise DatasetError(f"{self.ann_file}: {err} (image {path})") from None
         if self._transforms is not None:
             image, target = self._transforms(image, target)
         return image, target

@@ -8,7 +8,6 @@ after them), 'iscrowd' int64 [T], 'area' float32 [T], 'image_id' int64 [1], 'ori
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import Tensor
 
 import datasets.transforms as T
 from datasets.coco import make_coco_transforms
-from datasets.coco_io import coco_api_from_json, load_coco_json, read_image_rgb
+from datasets.coco_io import coco_api_from_json, load_coco_json, load_coco_panoptic_json, read_image_rgb
 from datasets.errors import DatasetError
 from datasets.panoptic_quality import read_panoptic_png
 from datasets.settings import DataSettings
@@ -29,24 +28,6 @@ from datasets.skipping import SkippingDataset
 __all__ = ["CocoPanoptic", "build", "panoptic_paths"]
 
 logger = logging.getLogger(__name__)
-
-
-def _load_panoptic_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: panoptic annotation file not found (check --coco_panoptic_path)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{path}: cannot read panoptic annotations ({err})") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key) if isinstance(data, dict) else None, list):
-            raise DatasetError(f"{path}: missing or non-list key '{key}'; expected a COCO panoptic annotation file")
-    for index, annotation in enumerate(data["annotations"]):
-        missing = [k for k in ("image_id", "file_name", "segments_info") if k not in annotation]
-        if missing:
-            raise DatasetError(f"{path}: annotations[{index}] lacks required key(s) {missing}")
-    return data
 
 
 class CocoPanoptic(SkippingDataset):
@@ -86,7 +67,7 @@ class CocoPanoptic(SkippingDataset):
         for folder, flag in ((self.img_folder, "--coco_path"), (self.ann_folder, "--coco_panoptic_path")):
             if not folder.is_dir():
                 raise DatasetError(f"{folder}: folder not found (check {flag})")
-        self.panoptic = _load_panoptic_json(self.ann_file)
+        self.panoptic = load_coco_panoptic_json(self.ann_file)
         self.images = {int(image["id"]): image for image in self.panoptic["images"]}
         self.annotations = sorted(self.panoptic["annotations"], key=lambda a: int(a["image_id"]))
         unknown = [a["image_id"] for a in self.annotations if int(a["image_id"]) not in self.images]

@@ -8,14 +8,19 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from datasets.coco import CocoDetection, make_coco_transforms
+from datasets.coco_io import _rle_string_counts
 from datasets.errors import DatasetError
 
 FUZZ = settings(
@@ -65,7 +70,8 @@ def mutated_documents(draw) -> dict:
     for _ in range(draw(st.integers(1, 3))):
         containers: list = [doc, *doc["images"], *doc["annotations"], *doc["categories"]]
         containers += [a["bbox"] for a in doc["annotations"] if isinstance(a, dict) and isinstance(a.get("bbox"), list)]
-        target = draw(st.sampled_from(containers))
+        # An earlier step may have replaced an entry by a scalar: only dicts and lists can be mutated further.
+        target = draw(st.sampled_from([c for c in containers if isinstance(c, (dict, list))]))
         if isinstance(target, dict):
             keys = sorted(target) + ["extra"]
             key = draw(st.sampled_from(keys))
@@ -161,3 +167,122 @@ def corrupted_images(draw) -> bytes:
 @given(image=corrupted_images(), masks=st.booleans())
 def test_corrupted_image_bytes(tmp_path_factory, image, masks):
     _check_dataset(tmp_path_factory.mktemp("fuzz"), json.dumps(BASE), image, masks)
+
+
+# Documents hypothesis found (each raised a TypeError before load_coco_json checked the field), plus neighbours
+# of them; kept explicit so CI does not depend on the search finding them again.
+def _edit(path: str, value) -> dict:
+    doc = copy.deepcopy(BASE)
+    section, index, key = path.split(".")
+    doc[section][int(index)][key] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("annotations.0.id", [], r"annotations\[0\] id must be an int or string, got list"),
+        ("annotations.0.area", None, r"annotations\[0\] area must be a finite non-negative number, got null"),
+        ("images.0.file_name", None, r"images\[0\] file_name must be a non-empty file name, got null"),
+        ("annotations.1.category_id", [1], r"annotations\[1\] category_id must be an integer \(64-bit\), got list"),
+        ("annotations.0.image_id", True, r"annotations\[0\] image_id must be an integer \(64-bit\), got true"),
+        ("images.0.id", 2**70, r"images\[0\] id must be an integer \(64-bit\), got 1180591620717411303424"),
+        ("annotations.0.iscrowd", "0", r"annotations\[0\] iscrowd must be 0 or 1, got '0'"),
+        ("annotations.0.bbox", [1, 2, 3, 2**1100], r"annotations\[0\] bbox must be 4 numbers \[x, y, w, h\]"),
+        ("annotations.0.segmentation", 5, r"annotations\[0\] segmentation must be a list of polygons"),
+        ("annotations.1.segmentation", {"counts": 3, "size": [H, W]}, r"annotations\[1\] segmentation must be"),
+        ("categories.1.name", 2, r"categories\[1\] name must be a string, got 2"),
+    ],
+)
+def test_bad_field_is_a_dataset_error_at_load(tmp_path, path, value, message):
+    ann = _write(tmp_path, _edit(path, value))
+    with pytest.raises(DatasetError, match=message) as err:
+        CocoDetection(tmp_path, ann, None, return_masks=True)
+    assert str(err.value).startswith(f"{ann}: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "segmentation, message",
+    [
+        ([[0, 0, 2**70, 0, 5, 5]], "polygon 0 has a point farther outside the 32x24 image than its own size"),
+        ([[0, 0, 9, 0, float("nan"), 5]], "polygon 0 must hold finite numbers"),
+        ({"size": [H, W], "counts": [3, 4]}, f"RLE counts add up to 7, not height x width = {H * W}"),
+        ({"size": [H + 1, W], "counts": [H * W + W]}, f"RLE size [{H + 1}, {W}] is not the image's"),
+        ({"size": [H, W], "counts": "0:0"}, f"RLE counts add up to 10, not height x width = {H * W}"),
+        ({"size": [H, W], "counts": "~~"}, "not a valid compressed RLE string"),
+    ],
+)
+def test_bad_segmentation_content_is_a_dataset_error_per_sample(tmp_path, segmentation, message):
+    """Content pycocotools would rasterise wrongly (garbage, unbounded memory) fails the sample, naming both files."""
+    (tmp_path / "a.png").write_bytes(_png())
+    ann = _write(tmp_path, _edit("annotations.0.segmentation", segmentation))
+    dataset = CocoDetection(tmp_path, ann, None, return_masks=True)
+    with pytest.raises(DatasetError, match=re.escape(message)) as err:
+        dataset[0]
+    assert str(err.value).startswith(f"{ann}: annotation id 1: ") and "a.png" in str(err.value)
+    CocoDetection(tmp_path, ann, None, return_masks=False)[0]  # without masks the segmentation is not read
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    """Run lengths of the column-major flattening, starting with a (possibly empty) run of zeros."""
+    runs, current, length = [], 0, 0
+    for value in mask.ravel(order="F"):
+        if value != current:
+            runs.append(length)
+            current, length = value, 0
+        length += 1
+    return runs + [length]
+
+
+def test_compressed_rle_counts_match_the_run_lengths():
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        mask = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < (0.02 if trial % 2 else 0.6)
+        text = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+        assert _rle_string_counts(text) == _runs(mask)
+
+
+def test_valid_rle_string_string_ids_and_null_segmentation_load(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png())
+    mask = np.zeros((H, W), np.uint8)
+    mask[3:11, 2:12] = 1
+    doc = _edit(
+        "annotations.0.segmentation",
+        {"size": [H, W], "counts": mask_utils.encode(np.asfortranarray(mask))["counts"].decode()},
+    )
+    doc["annotations"][0]["id"] = "first"
+    _, target = CocoDetection(tmp_path, _write(tmp_path, doc), None, return_masks=True)[0]
+    assert torch.equal(target["masks"][0], torch.from_numpy(mask))
+    doc["annotations"][0]["segmentation"] = None  # detection-only files: fine without masks, a clear error with
+    ann = _write(tmp_path, doc)
+    assert CocoDetection(tmp_path, ann, None, return_masks=False)[0][1]["labels"].tolist() == [2]
+    with pytest.raises(DatasetError, match="annotation id first has no 'segmentation'"):
+        CocoDetection(tmp_path, ann, None, return_masks=True)[0]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["images"][0].update(file_name=None), r"images\[0\] file_name must be a non-empty file name"),
+        (lambda d: d["annotations"][0]["segments_info"][0].update(id=[]), r"segments_info\[0\] id must be an integer"),
+        (lambda d: d["annotations"][0]["segments_info"][1].update(area=None), r"segments_info\[1\] area must be"),
+        (lambda d: d["annotations"][0]["segments_info"][0].update(bbox=[0, 0, 1, float("inf")]), "bbox must be finite"),
+        (lambda d: d["categories"][0].update(isthing="yes"), r"categories\[0\] isthing must be 0 or 1"),
+    ],
+)
+def test_panoptic_file_uses_the_same_checks(tmp_path, edit, message):
+    from datasets.coco_panoptic import CocoPanoptic
+
+    for folder in ("img", "png"):
+        (tmp_path / folder).mkdir()
+    segments = [{"id": 5, "category_id": 1, "bbox": [0, 0, 2, 2], "area": 4}, {"id": 9, "category_id": 2}]
+    doc = {
+        "images": [{"id": 1, "file_name": "a.png", "height": H, "width": W}],
+        "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": segments}],
+        "categories": [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 0}],
+    }
+    edit(doc)
+    ann = _write(tmp_path, doc)
+    with pytest.raises(DatasetError, match=message) as err:
+        CocoPanoptic(tmp_path / "img", tmp_path / "png", ann)
+    assert str(err.value).startswith(f"{ann}: annotations" if "segments" in message else f"{ann}: ")
