@@ -42,30 +42,39 @@ CHECKPOINT_URLS = {
 PANOPTIC_IS_THING_MAP = {i: i <= 90 for i in range(250)}
 
 
-def _hub_args(backbone: str, dilation: bool, num_classes: int, masks: bool, backbone_weights: str, **overrides):
+def _recipe_args(name: str, num_classes: int, backbone_weights: str, **overrides) -> argparse.Namespace:
+    """The flags of hub recipe ``name`` (``Family.hub_recipes`` of the family that lists it) over that family's
+    published defaults, with ``num_classes``, ``backbone_weights`` and the caller's model options."""
     from main import get_args_parser
+    from models import FAMILIES
 
-    args = get_args_parser().parse_args([])
-    args.backbone = backbone
-    args.dilation = dilation
-    args.num_classes = num_classes
-    args.masks = masks
-    args.dataset_file = "coco_panoptic" if masks else "coco"
-    args.backbone_weights = backbone_weights
-    args.aux_loss = False  # the published hub models return the final layer only
-    args.device = "cpu"
-    for key, value in overrides.items():
-        if not hasattr(args, key):
-            raise TypeError(f"unknown model option {key!r}; use a main.py flag name such as num_queries or hidden_dim")
-        setattr(args, key, value)
-    return args
+    family = next(f for f in FAMILIES.values() if name in f.hub_recipes)
+    values = vars(get_args_parser().parse_args(["--model", family.name]))
+    unknown = [key for key in overrides if key not in values]
+    if unknown:
+        raise TypeError(
+            f"unknown model option {unknown[0]!r}; use a main.py flag name such as num_queries or hidden_dim"
+        )
+    values.update(family.hub_recipes[name])
+    # The published hub models return the final decoder layer only.
+    values.update(num_classes=num_classes, backbone_weights=backbone_weights, aux_loss=False, device="cpu")
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def _missing_weights(name: str) -> ValueError:
+    """``pretrained=True`` for a recipe whose published weights torch.hub cannot download."""
+    from models import FAMILIES
+
+    source = next(f.weights_source for f in FAMILIES.values() if name in f.hub_recipes)
+    return ValueError(
+        f"{name}(pretrained=True): the authors' weights have no direct download URL (see {source}); download this "
+        "recipe's checkpoint and pass checkpoint='path/to/file.pth'"
+    )
 
 
 def _make(
     name: str,
-    backbone: str,
-    dilation: bool,
-    masks: bool,
     pretrained: bool,
     num_classes: int,
     default_classes: int,
@@ -76,7 +85,7 @@ def _make(
 
     # A published checkpoint already holds the backbone: never fetch ImageNet weights for it.
     weights = "none" if pretrained else backbone_weights
-    args = _hub_args(backbone, dilation, num_classes, masks, weights, **overrides)
+    args = _recipe_args(name, num_classes, weights, **overrides)
     model, _, postprocessors = build_model(args)
     if pretrained:
         from run.checkpoint import load_checkpoint
@@ -91,19 +100,15 @@ def _make(
     return model, postprocessors, args
 
 
-def _detector(name, backbone, dilation, pretrained, num_classes, return_postprocessor, backbone_weights, **overrides):
-    model, postprocessors, _ = _make(
-        name, backbone, dilation, False, pretrained, num_classes, 91, backbone_weights, **overrides
-    )
+def _detector(name, pretrained, num_classes, return_postprocessor, backbone_weights, **overrides):
+    model, postprocessors, _ = _make(name, pretrained, num_classes, 91, backbone_weights, **overrides)
     return (model, postprocessors["bbox"]) if return_postprocessor else model
 
 
-def _panoptic(
-    name, backbone, dilation, pretrained, num_classes, threshold, return_postprocessor, backbone_weights, **overrides
-):
+def _panoptic(name, pretrained, num_classes, threshold, return_postprocessor, backbone_weights, **overrides):
     from models.detr.segmentation import PostProcessPanoptic
 
-    model, _, _ = _make(name, backbone, dilation, True, pretrained, num_classes, 250, backbone_weights, **overrides)
+    model, _, _ = _make(name, pretrained, num_classes, 250, backbone_weights, **overrides)
     if return_postprocessor:
         return model, PostProcessPanoptic(PANOPTIC_IS_THING_MAP, threshold=threshold)
     return model
@@ -129,9 +134,7 @@ def detr_resnet50(
     Returns:
         The model, or (model, postprocessor) with ``return_postprocessor``.
     """
-    return _detector(
-        "detr_resnet50", "resnet50", False, pretrained, num_classes, return_postprocessor, backbone_weights, **overrides
-    )
+    return _detector("detr_resnet50", pretrained, num_classes, return_postprocessor, backbone_weights, **overrides)
 
 
 def detr_resnet50_dc5(
@@ -144,8 +147,6 @@ def detr_resnet50_dc5(
     """DETR R50 with a dilated last stage (43.3 box AP). Arguments as :func:`detr_resnet50`."""
     return _detector(
         "detr_resnet50_dc5",
-        "resnet50",
-        True,
         pretrained,
         num_classes,
         return_postprocessor,
@@ -164,8 +165,6 @@ def detr_resnet101(
     """DETR R101 (43.5 box AP). Arguments as :func:`detr_resnet50`."""
     return _detector(
         "detr_resnet101",
-        "resnet101",
-        False,
         pretrained,
         num_classes,
         return_postprocessor,
@@ -184,8 +183,6 @@ def detr_resnet101_dc5(
     """DETR R101 with a dilated last stage (44.9 box AP). Arguments as :func:`detr_resnet50`."""
     return _detector(
         "detr_resnet101_dc5",
-        "resnet101",
-        True,
         pretrained,
         num_classes,
         return_postprocessor,
@@ -216,8 +213,6 @@ def detr_resnet50_panoptic(
     """
     return _panoptic(
         "detr_resnet50_panoptic",
-        "resnet50",
-        False,
         pretrained,
         num_classes,
         threshold,
@@ -238,8 +233,6 @@ def detr_resnet50_dc5_panoptic(
     """Panoptic DETR R50-DC5 (44.6 PQ). Arguments as :func:`detr_resnet50_panoptic`."""
     return _panoptic(
         "detr_resnet50_dc5_panoptic",
-        "resnet50",
-        True,
         pretrained,
         num_classes,
         threshold,
@@ -260,8 +253,6 @@ def detr_resnet101_panoptic(
     """Panoptic DETR R101 (45.1 PQ). Arguments as :func:`detr_resnet50_panoptic`."""
     return _panoptic(
         "detr_resnet101_panoptic",
-        "resnet101",
-        False,
         pretrained,
         num_classes,
         threshold,
@@ -273,47 +264,16 @@ def detr_resnet101_panoptic(
 
 # ------------------------------------------------------------------------------------------ Deformable DETR
 
+
 # The five published R50 recipes (Zhu et al., ICLR 2021; box AP on COCO val2017 after 50 epochs as published).
-DEFORMABLE_RECIPES = {
-    "deformable_detr_resnet50": {},  # 44.5
-    "deformable_detr_resnet50_single_scale": {"num_feature_levels": 1},  # 39.4
-    "deformable_detr_resnet50_single_scale_dc5": {"num_feature_levels": 1, "dilation": True},  # 41.5
-    "deformable_detr_resnet50_refine": {"with_box_refine": True},  # 46.2
-    "deformable_detr_resnet50_two_stage": {"with_box_refine": True, "two_stage": True},  # 46.9
-}
-DEFORMABLE_ZOO = "https://github.com/fundamentalvision/Deformable-DETR"
-# DINO R50 (Zhang et al., ICLR 2023; box AP on COCO val2017 as published: 4-scale 49.0 after 12 epochs, 5-scale 51.3
-# after 24). Every other flag takes the family's published 4-scale default.
-DINO_RECIPES = {
-    "dino_resnet50_4scale": {},
-    "dino_resnet50_5scale": {"num_feature_levels": 5, "return_interm_indices": [0, 1, 2, 3]},
-}
-DINO_ZOO = "https://github.com/IDEA-Research/DINO"
-
-
 def _deformable(name, pretrained, num_classes, return_postprocessor, backbone_weights, checkpoint, **overrides):
     """Build a Deformable DETR (or DINO) recipe offline; load ``checkpoint`` (a local file) when given."""
-    from main import get_args_parser
     from models import build_model
 
-    family, recipes, zoo = ("dino", DINO_RECIPES, DINO_ZOO) if name in DINO_RECIPES else (
-        "deformable_detr", DEFORMABLE_RECIPES, DEFORMABLE_ZOO)  # fmt: skip
     if pretrained and checkpoint is None:
-        # The authors publish these weights on Google Drive only: no direct URL torch.hub could fetch.
-        raise ValueError(
-            f"{name}(pretrained=True): the authors' weights have no direct download URL (Google Drive, see "
-            f"{zoo}); download this recipe's checkpoint and pass checkpoint='path/to/file.pth'"
-        )
-    args = get_args_parser().parse_args(["--model", family])  # the family's published defaults
-    recipe = {**recipes[name], **overrides}
-    args.num_classes = num_classes
-    args.backbone_weights = "none" if checkpoint is not None else backbone_weights  # the checkpoint holds them
-    args.aux_loss = False  # as DETR's hub models: the last decoder layer only
-    args.device = "cpu"
-    for key, value in recipe.items():
-        if not hasattr(args, key):
-            raise TypeError(f"unknown model option {key!r}; use a main.py flag name such as num_queries or hidden_dim")
-        setattr(args, key, value)
+        raise _missing_weights(name)
+    # A checkpoint holds the backbone: never fetch ImageNet weights for it.
+    args = _recipe_args(name, num_classes, "none" if checkpoint is not None else backbone_weights, **overrides)
     model, _, postprocessors = build_model(args)
     if checkpoint is not None:
         if num_classes == 91 and not overrides:
@@ -448,27 +408,17 @@ def dino_resnet50_5scale(
 
 # ------------------------------------------------------------------------------------------ RT-DETRv2
 
-RTDETR_ZOO = "https://github.com/lyuwenyu/RT-DETR (rtdetrv2_pytorch)"
-
 
 def _rtdetrv2(name, pretrained=False, num_classes=80, return_postprocessor=False, backbone_weights="none",
               checkpoint=None, **overrides):  # fmt: skip
     """Build an RT-DETRv2 recipe offline (``models.FAMILIES['rtdetrv2'].hub_recipes``); load ``checkpoint``, a local
     published ``.pth`` (``ema.module`` first, else ``model``) or one of this project, when given."""
-    from main import get_args_parser
-    from models import FAMILIES, build_model
+    from models import build_model
     from run.checkpoint import inference_weights, load_checkpoint
 
     if pretrained and checkpoint is None:
-        raise ValueError(f"{name}(pretrained=True): download the recipe's .pth from {RTDETR_ZOO} and pass "
-                         "checkpoint='path/to/file.pth'")  # fmt: skip
-    args = get_args_parser().parse_args(["--model", "rtdetrv2"])  # the family's published defaults (R50vd 6x)
-    values = {**FAMILIES["rtdetrv2"].hub_recipes[name], **overrides, "num_classes": num_classes, "device": "cpu",
-              "backbone_weights": "none" if checkpoint is not None else backbone_weights}  # fmt: skip
-    for key, value in values.items():
-        if not hasattr(args, key):
-            raise TypeError(f"unknown model option {key!r}; use a main.py flag name such as num_queries or hidden_dim")
-        setattr(args, key, value)
+        raise _missing_weights(name)
+    args = _recipe_args(name, num_classes, "none" if checkpoint is not None else backbone_weights, **overrides)
     model, _, postprocessors = build_model(args)
     if checkpoint is not None:
         if num_classes == 80 and not overrides:

@@ -40,6 +40,8 @@ class Family:
         architecture: flag values a state dict implies (layer counts, widths, class count, switches); None where
             the weights do not say. Used to rebuild a model from a checkpoint without its stored flags.
         hub_recipes: torch.hub entry name -> the flag values of that published recipe (hubconf.py).
+        weights_source: where the published weights of the hub recipes are, when torch.hub cannot download them
+            (named in the error of ``pretrained=True`` without a local ``checkpoint``).
         refused_flags: flags of other families this one refuses with its own reason (flag destination -> the
             rest of the one-line error, e.g. "DINO is always two-stage; drop --two_stage").
         keep_initial_heads: fine-tuning keeps the freshly built values of re-initialised heads instead of
@@ -64,6 +66,7 @@ class Family:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     default_num_classes: Mapping[str, int] = field(default_factory=lambda: {"coco": 91})
     hub_recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    weights_source: str = ""
     refused_flags: Mapping[str, str] = field(default_factory=dict)
     keep_initial_heads: bool = False
     contiguous_labels: Callable[[Any], bool] | None = None

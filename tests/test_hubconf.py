@@ -11,6 +11,8 @@ import torch
 import hubconf
 import models
 import run.checkpoint
+import run.finetune  # noqa: F401 - imported before a test patches run.checkpoint.load_checkpoint (it binds the name)
+from models import FAMILIES
 from models.postprocess import PostProcess
 from run.model_loading import infer_architecture
 
@@ -172,7 +174,7 @@ def test_every_deformable_entry_builds_its_published_recipe_offline(recorded_def
         assert isinstance(postprocessor, PostProcessTopK) and postprocessor.num_select == 100
         assert model.two_stage == two_stage and model.with_box_refine == refine
         assert model.transformer.level_embed.shape[0] == levels
-    assert set(DEFORMABLE_ENTRIES) == set(hubconf.DEFORMABLE_RECIPES)
+    assert set(DEFORMABLE_ENTRIES) == set(FAMILIES["deformable_detr"].hub_recipes)
 
 
 @pytest.mark.parametrize(
@@ -233,7 +235,7 @@ def test_every_dino_entry_builds_its_published_recipe_offline(recorded_deformabl
         assert args["num_classes"] == 91 and args["backbone"] == "resnet50" and args["backbone_weights"] == "none"
         assert isinstance(postprocessor, PostProcessTopK) and postprocessor.num_select == 300
         assert model.transformer.level_embed.shape[0] == levels and model.label_enc.num_embeddings == 92
-    assert set(DINO_ENTRIES) == set(hubconf.DINO_RECIPES)
+    assert set(DINO_ENTRIES) == set(FAMILIES["dino"].hub_recipes)
 
 
 @pytest.mark.parametrize("name", list(DINO_ENTRIES))

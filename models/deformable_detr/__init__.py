@@ -39,6 +39,7 @@ FAMILY = Family(
     defaults=DEFAULTS,
     default_num_classes={"coco": 91, "synthetic": 91, "coco_panoptic": 250},
     # The five published R50 recipes (box AP on COCO val2017 after 50 epochs as published).
+    weights_source="https://github.com/fundamentalvision/Deformable-DETR (Google Drive)",
     hub_recipes={
         "deformable_detr_resnet50": {},  # 44.5
         "deformable_detr_resnet50_single_scale": {"num_feature_levels": 1},  # 39.4

@@ -42,6 +42,7 @@ FAMILY = Family(
     defaults=DEFAULTS,
     default_num_classes={"coco": 91, "synthetic": 91, "coco_panoptic": 250},
     # R50 (box AP on COCO val2017 as published: 4-scale 49.0 after 12 epochs, 5-scale 51.3 after 24).
+    weights_source="https://github.com/IDEA-Research/DINO (Google Drive)",
     hub_recipes={
         "dino_resnet50_4scale": {},
         "dino_resnet50_5scale": {"num_feature_levels": 5, "return_interm_indices": [0, 1, 2, 3]},

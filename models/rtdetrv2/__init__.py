@@ -111,6 +111,7 @@ FAMILY = Family(
     defaults=DEFAULTS,
     # Published remap_mscoco_category: COCO's 80 categories as labels 0..79; the generated dataset's 6 likewise.
     default_num_classes={"coco": 80, "synthetic": 6},
+    weights_source="https://github.com/lyuwenyu/RT-DETR (rtdetrv2_pytorch)",
     hub_recipes=RECIPE_FLAGS,
     refused_flags={
         "masks": f"a DETR flag: {_NOT_BUILT} mask head; drop --masks",
