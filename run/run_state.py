@@ -218,9 +218,9 @@ def mismatch_summary(
         parts = [str(error).strip().splitlines()[-1][:200]]
     stored = _checkpoint_args(ckpt)
     differing = [
-        f"--{k} {stored[k]} (this run {getattr(args, k)})"
+        f"--{k} {stored[k]} (this run {vars(args)[k]})"
         for k in ARCHITECTURE_FLAGS
-        if args is not None and k in stored and hasattr(args, k) and stored[k] != getattr(args, k)
+        if args is not None and k in stored and k in vars(args) and stored[k] != vars(args)[k]
     ]
     flags = (
         f"the checkpoint was trained with {', '.join(differing)}: pass those flags (or its config.yaml with --config)"
@@ -259,11 +259,11 @@ def _warn_behaviour_mismatch(args: argparse.Namespace, ckpt: dict, source: str) 
 def _reconcile_schedule(args: argparse.Namespace, ckpt: dict, optimizer, lr_scheduler) -> None:
     """A resumed optimizer/scheduler carries the checkpoint's lr and lr_drop: say so, or keep the new ones."""
     old = _checkpoint_args(ckpt)
-    changed = [k for k in SCHEDULE_FLAGS if k in old and old[k] != getattr(args, k)]
+    changed = [k for k in SCHEDULE_FLAGS if k in old and old[k] != vars(args)[k]]
     if not changed:
         return
     if not args.keep_new_schedule:
-        diffs = ", ".join(f"{k}={old[k]} (command line {getattr(args, k)})" for k in changed)
+        diffs = ", ".join(f"{k}={old[k]} (command line {vars(args)[k]})" for k in changed)
         log.warning("warning: resume keeps the checkpoint's %s; pass --keep_new_schedule to use the new values", diffs)
         return
     lr_scheduler.step_size = args.lr_drop
