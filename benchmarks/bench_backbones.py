@@ -77,10 +77,10 @@ def _full_step(name: str, opts: argparse.Namespace):
 
     flags = ["--model", opts.model, "--backbone", name, "--backbone_weights", "none", "--device", "cpu"]
     args = parse_args_with_config(get_args_parser(), [*flags, *shlex.split(opts.flags)])
-    args.num_classes = getattr(args, "num_classes", None) or 91
-    model, criterion, _ = models.build_model(args)
+    num_classes = args.num_classes or 91
+    model, criterion, _ = models.build_model(args, num_classes)
     model.train()
-    images, targets = _make_batch([(opts.size, opts.size)] * opts.batch, args.num_classes)
+    images, targets = _make_batch([(opts.size, opts.size)] * opts.batch, num_classes)
     samples = nested_tensor_from_tensor_list(images)
 
     def step() -> float:
