@@ -1,4 +1,5 @@
-"""torch.hub entry points for the published models of the detector families (DETR, Deformable DETR, DINO).
+"""torch.hub entry points for the published models of the detector families (DETR, Deformable DETR, DINO,
+RT-DETRv2).
 
     model = torch.hub.load("path/to/this/repo", "detr_resnet50", source="local", pretrained=True)
     model, postprocessor = torch.hub.load(..., "detr_resnet50_panoptic", pretrained=True, return_postprocessor=True)
@@ -13,6 +14,8 @@ Deformable DETR: ``deformable_detr_resnet50`` (multi-scale), ``_single_scale``, 
 and ``_two_stage`` build the published recipes offline; the authors' weights have no direct download URL, so
 ``pretrained=True`` needs ``checkpoint='local/file.pth'`` (without it, a ValueError says where to get them).
 DINO: ``dino_resnet50_4scale`` and ``dino_resnet50_5scale`` likewise (published weights on Google Drive only).
+RT-DETRv2: ``rtdetrv2_r18vd``, ``_r34vd``, ``_r50vd``, ``_r50vd_m``, ``_r101vd`` likewise (``checkpoint=`` a local
+published ``.pth`` or one of this project).
 """
 
 from __future__ import annotations
