@@ -265,3 +265,23 @@ def test_the_epoch_reaches_the_train_transform_and_the_collation():
     for epoch, augmenting, multiscale in ((0, True, True), (2, True, False), (3, False, False)):
         begin_epoch(loader, epoch, seed=0)
         assert (Data.transforms.augmenting, collate.active) == (augmenting, multiscale), epoch
+
+
+def test_torch_export_and_onnx_keep_the_eval_size_with_a_dynamic_batch(tmp_path):
+    """Parity of both exports with the eager model at the fixed (eval anchor) size, batch 1..3; another size is
+    refused in one line."""
+    from tools.export import compare_with_eager, example_inputs, export_program
+    from tools.export_onnx import compare_with_onnxruntime, export_onnx
+
+    model = models.build_model(tiny())[0].eval()
+    assert model.fixed_input_size == (64, 64)
+    with pytest.raises(ValueError, match="exports at 64x64 only"):
+        export_program(model, 96, 96)
+    program = export_program(model, 64, 64, batch_size=2)
+    for batch in (1, 3):
+        diffs = compare_with_eager(model, program, *example_inputs(batch, 64, 64))
+        assert max(diffs.values()) < 1e-5, diffs
+    path = export_onnx(model, tmp_path / "rtdetr.onnx", 64, 64, batch_size=1, dynamic=True)
+    for batch in (1, 2):
+        diffs = compare_with_onnxruntime(model, path, torch.randn(batch, 3, 64, 64))
+        assert max(diffs.values()) < 1e-4, diffs

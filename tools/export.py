@@ -93,6 +93,20 @@ def min_side(model: nn.Module) -> int:
     return max(MIN_SIDE, 32 * 2**extra + 1)
 
 
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) a model's exported graph is fixed to (RT-DETRv2: ``--eval_spatial_size``), None when any size goes."""
+    size = getattr(model, "fixed_input_size", None)
+    return tuple(size) if size is not None else None
+
+
+def check_fixed_size(model: nn.Module, height: int, width: int) -> None:
+    """Raise ValueError (one line) when ``model`` exports at one size only and (height, width) is another."""
+    size = fixed_input_size(model)
+    if size is not None and (height, width) != size:
+        raise ValueError(f"this model exports at {size[0]}x{size[1]} only (its eval anchors; dynamic batch): "
+                         f"pass --height {size[0]} --width {size[1]}")  # fmt: skip
+
+
 def export_program(
     model: nn.Module, height: int = 800, width: int = 1066, batch_size: int = 2, dynamic: bool = True
 ) -> torch.export.ExportedProgram:
@@ -108,8 +122,10 @@ def export_program(
     Returns:
         The ExportedProgram (``torch.export.save`` writes it; ``.module()`` runs it).
     """
+    check_fixed_size(model, height, width)
+    fixed = fixed_input_size(model) is not None
     smallest = min_side(model)
-    if dynamic and not (smallest <= height <= MAX_SIDE and smallest <= width <= MAX_SIDE):
+    if dynamic and not fixed and not (smallest <= height <= MAX_SIDE and smallest <= width <= MAX_SIDE):
         raise ValueError(f"--height/--width must lie in {smallest}..{MAX_SIDE} for a dynamic export of this model")
     if dynamic and batch_size < 2:
         raise ValueError("--batch_size must be at least 2 for a dynamic export (torch.export specialises 1)")
@@ -122,6 +138,8 @@ def export_program(
         rows = torch.export.Dim("height", min=smallest, max=MAX_SIDE)
         cols = torch.export.Dim("width", min=smallest, max=MAX_SIDE)
         shapes = {"images": {0: batch, 2: rows, 3: cols}, "mask": {0: batch, 1: rows, 2: cols}}
+        if fixed:  # per-size buffers in the graph: only the batch is symbolic
+            shapes = {"images": {0: batch}, "mask": {0: batch}}
     with final_layer_only(model), torch.no_grad():
         return torch.export.export(interface, inputs, dynamic_shapes=shapes, strict=False)
 
@@ -145,8 +163,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="torch_export", choices=FORMATS)
     parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
     parser.add_argument("--output", default="detr.pt2")
-    parser.add_argument("--height", type=int, default=800, help="example (or, with --static, fixed) height")
-    parser.add_argument("--width", type=int, default=1066, help="example (or, with --static, fixed) width")
+    parser.add_argument("--height", type=int, default=None,
+                        help="example/fixed height (default 800; fixed-size models: theirs)")  # fmt: skip
+    parser.add_argument("--width", type=int, default=None,
+                        help="example/fixed width (default 1066; fixed-size models: theirs)")  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=2, help="example (or, with --static, fixed) batch size")
     parser.add_argument("--static", action="store_true", help="fix batch size, height and width to the example")
     parser.add_argument("--device", default="cpu", help="device to export on (the program runs there)")
@@ -166,11 +186,14 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
         return export_onnx_main(rest)
     args = get_args_parser().parse_args(argv)
-    from run.model_loading import load_model
     from run.checkpoint import CheckpointError
+    from run.model_loading import load_model
 
     try:
         model = load_model(args.checkpoint, device=args.device)[0]
+        fixed = fixed_input_size(model)
+        args.height = args.height or (fixed[0] if fixed else 800)
+        args.width = args.width or (fixed[1] if fixed else 1066)
         program = export_program(model, args.height, args.width, args.batch_size, dynamic=not args.static)
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         raise SystemExit(f"error: {err}") from None
@@ -183,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if not args.check:
         return None
     sizes = [(args.batch_size, args.height, args.width)]
-    if not args.static:  # two other batch sizes and image sizes
+    if not args.static and fixed is not None:  # two other batch sizes at the fixed size
+        sizes += [(1, args.height, args.width), (3, args.height, args.width)]
+    elif not args.static:  # two other batch sizes and image sizes
         sizes += [
             (1, max(min_side(model), args.height * 3 // 4), args.width + 32),
             (3, args.height + 40, max(min_side(model), args.width // 2)),

@@ -111,6 +111,10 @@ def export_onnx(
         opset = DEFAULT_OPSET[exporter]
     if exporter == "dynamo" and opset < DEFAULT_OPSET["dynamo"]:
         raise ValueError(f"--exporter dynamo writes opset 18 or later (got --opset {opset}; Split needs opset 18)")
+    from tools.export import check_fixed_size, fixed_input_size
+
+    check_fixed_size(model, height, width)
+    fixed = fixed_input_size(model) is not None  # per-size buffers in the graph: only the batch is symbolic
     wrapper = ExportableDETR(model).eval()
     device = next(model.parameters()).device
     images = torch.randn(batch_size, 3, height, width, device=device)
@@ -125,6 +129,8 @@ def export_onnx(
         kwargs["dynamo"] = False
         if dynamic:
             axes = {"images": {0: "batch", 2: "height", 3: "width"}, "mask": {0: "batch", 1: "height", 2: "width"}}
+            if fixed:
+                axes = {"images": {0: "batch"}, "mask": {0: "batch"}}
             axes.update({name: {0: "batch"} for name in OUTPUT_NAMES})
             kwargs["dynamic_axes"] = {k: v for k, v in axes.items() if k in names or k in OUTPUT_NAMES}
     else:
@@ -135,6 +141,8 @@ def export_onnx(
         if dynamic:
             auto = torch.export.Dim.AUTO
             shapes = {"images": {0: auto, 2: auto, 3: auto}, "mask": {0: auto, 1: auto, 2: auto}}
+            if fixed:
+                shapes = {"images": {0: auto}, "mask": {0: auto}}
             kwargs["dynamic_shapes"] = {k: shapes[k] for k in names}
     with _final_layer_only(wrapper.detr), torch.no_grad(), warnings.catch_warnings():
         # The legacy exporter's deprecation notice and tracer warnings about Python loops are expected here.
@@ -201,8 +209,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Export DETR to ONNX")
     parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
     parser.add_argument("--output", default="detr.onnx")
-    parser.add_argument("--height", type=int, default=800, help="example (or, without --dynamic, fixed) height")
-    parser.add_argument("--width", type=int, default=1066, help="example (or, without --dynamic, fixed) width")
+    parser.add_argument("--height", type=int, default=None,
+                        help="example/fixed height (default 800; fixed-size models: theirs)")  # fmt: skip
+    parser.add_argument("--width", type=int, default=None,
+                        help="example/fixed width (default 1066; fixed-size models: theirs)")  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--dynamic", action="store_true", help="symbolic batch size, height and width")
     parser.add_argument("--with_mask", action="store_true", help="add the padding mask input [B, H, W] bool")
@@ -216,11 +226,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict | None:
     """Export, optionally check; returns the measured differences with --check. Bad input exits with one line."""
     args = get_args_parser().parse_args(argv)
-    from run.model_loading import load_model
     from run.checkpoint import CheckpointError
+    from run.model_loading import load_model
 
     try:
         model = load_model(args.checkpoint, device="cpu")[0]
+        from tools.export import fixed_input_size
+
+        fixed = fixed_input_size(model)
+        args.height = args.height or (fixed[0] if fixed else 800)
+        args.width = args.width or (fixed[1] if fixed else 1066)
         path = export_onnx(
             model,
             args.output,
@@ -240,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     report = _measure(model, path, torch.randn(args.batch_size, 3, args.height, args.width))
     if args.dynamic:  # a second size and batch, padded when the graph takes a mask
         height, width = max(32, args.height * 3 // 4), args.width + 32
+        if fixed is not None:  # a second batch at the fixed size
+            height, width = args.height, args.width
         mask = torch.zeros(args.batch_size + 1, height, width, dtype=torch.bool)
         if args.with_mask:
             mask[-1, height // 2 :, :] = True

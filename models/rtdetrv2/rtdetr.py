@@ -30,6 +30,13 @@ class RTDETR(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
+    @property
+    def fixed_input_size(self) -> tuple[int, int] | None:
+        """(H, W) an exported graph is fixed to (its anchors and position table are per-size buffers; only the
+        batch stays dynamic), or None when they are computed per input (no --eval_spatial_size)."""
+        size = getattr(self.decoder, "eval_spatial_size", None)
+        return None if size is None else (int(size[0]), int(size[1]))
+
     def forward(self, x: Tensor | NestedTensor, targets: Sequence[dict[str, Tensor]] | None = None) -> dict:
         """Detect objects.
 

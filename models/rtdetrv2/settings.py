@@ -109,6 +109,9 @@ class RTDETRv2Settings:
                 f"--return_interm_indices {' '.join(map(str, self.return_interm_indices))}: RT-DETRv2 takes the "
                 "backbone stages 1 2 3"
             )
+        odd = [s for s in self.multiscale_sizes if s <= 0 or s % 32]
+        if odd:
+            raise ValueError(f"--multiscale_sizes {odd[0]}: RT-DETRv2 takes sizes that are multiples of 32")
         size = self.eval_spatial_size
         size = list(size) if size else None
         if size is not None and len(size) != 2:
