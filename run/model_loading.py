@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from cli.arguments import get_args_parser
 from models import FAMILIES, build_model, family_of_state_dict
+from models.backbone import check_backbone_name
+from models.state_dict import key_prefix
 from run.checkpoint import checkpoint_args_to_namespace, inference_weights, load_checkpoint
 
 __all__ = [
@@ -62,6 +64,7 @@ def model_args_from_checkpoint(checkpoint: Mapping[str, Any], device: str = "cpu
         values.update(vars(stored))
     values["model"] = family  # published files store no --model
     values.update({k: v for k, v in infer_architecture(weights, family).items() if v is not None})
+    check_backbone_name(weights, values["backbone"], key_prefix(weights))  # a timm model's name is not in its keys
     values.update(_RUN_ONLY, device=device)
     return argparse.Namespace(**values)
 

@@ -208,6 +208,9 @@ def test_timm_checkpoint_rebuilds_from_its_stored_args_only():
         check_backbone_name(state, "resnet50")  # what a checkpoint without stored args would rebuild
     message = str(err.value)
     assert "timm model" in message and "--backbone timm:NAME" in message and "\n" not in message
+    # predict.py's loader says so too, instead of a strict-load failure listing keys.
+    with pytest.raises(ValueError, match="whose name its weights do not tell"):
+        load_model("timm.pth", checkpoint={"model": state, "args": {"model": "dino"}})
     # ResNets (truncated ones too) and Swins are told by their keys, never taken for timm models.
     resnet = build_model(parse_tiny_args(*FAMILY_FLAGS["dino"], "--backbone_stages", "3",
                                          "--return_interm_indices", "1", "2"))[0].state_dict()  # fmt: skip
