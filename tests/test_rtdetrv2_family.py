@@ -285,3 +285,22 @@ def test_torch_export_and_onnx_keep_the_eval_size_with_a_dynamic_batch(tmp_path)
     for batch in (1, 2):
         diffs = compare_with_onnxruntime(model, path, torch.randn(batch, 3, 64, 64))
         assert max(diffs.values()) < 1e-4, diffs
+
+
+def test_class_numbering_follows_remap_mscoco_category(tmp_path):
+    """Remapped: labels are indices of the generated dataset's 6 category ids (1, 3, 4, 7, 9, 12); without the
+    remap the labels are the ids and the classifier has max id + 1 = 13 classes."""
+    import datasets
+    from cli.config import UsageError
+    from run.recipe import class_numbering
+
+    family = models.FAMILIES["rtdetrv2"]
+    flags = ("--dataset_file", "synthetic", "--synthetic_dir", str(tmp_path), "--synthetic_train_size", "2",
+             "--synthetic_val_size", "1")  # fmt: skip
+    for extra, expected in (((), ([1, 3, 4, 7, 9, 12], 6)), (("--no_remap_mscoco_category",), (None, 13))):
+        args = tiny(*flags, *extra)
+        assert class_numbering(family, family.make_settings(vars(args)), datasets.data_settings(args), None) == expected
+    args = tiny(*flags)
+    assert class_numbering(family, family.make_settings(vars(args)), datasets.data_settings(args), 8)[1] == 8
+    with pytest.raises(UsageError, match="--num_classes 5 is fewer than the dataset's 6 categories"):
+        class_numbering(family, family.make_settings(vars(args)), datasets.data_settings(args), 5)
