@@ -42,6 +42,24 @@ class GroupNorm(nn.GroupNorm):
         return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, torch.backends.cudnn.enabled)
 
 
+class MultiScaleDetector(nn.Module):
+    """What the deformable-attention detectors (Deformable DETR, DINO) hold alike, registered first as published:
+    the transformer, then (in the subclass) heads, input projections and backbone.
+
+    Args:
+        transformer: the family's multi-scale transformer (``d_model`` = the hidden size).
+        num_queries: Q; num_feature_levels: L; aux_loss: return every earlier decoder layer too.
+    """
+
+    def __init__(self, transformer: nn.Module, num_queries: int, num_feature_levels: int, aux_loss: bool):
+        super().__init__()
+        self.hidden_dim = transformer.d_model
+        self.num_queries = num_queries
+        self.transformer = transformer
+        self.num_feature_levels = num_feature_levels
+        self.aux_loss = aux_loss
+
+
 def build_input_proj(backbone_channels: list[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
     """``input_proj.{l}``: 1x1 conv + GroupNorm(32) per backbone level, then 3x3 stride-2 convs for extra levels
     (the first reads the last backbone map, later ones the previous projected level)."""

@@ -16,13 +16,13 @@ from util.misc import NestedTensor
 from ..backbone import Joiner
 from ..box_refinement import refine_boxes
 from ..heads import aux_outputs, build_detection_heads
-from ..multiscale import build_input_proj, project_levels
+from ..multiscale import MultiScaleDetector, build_input_proj, project_levels
 from .transformer import DeformableTransformer
 
 __all__ = ["DeformableDETR"]
 
 
-class DeformableDETR(nn.Module):
+class DeformableDETR(MultiScaleDetector):
     """Backbone levels -> deformable encoder-decoder -> per-layer class and box heads.
 
     Args:
@@ -39,12 +39,8 @@ class DeformableDETR(nn.Module):
     def __init__(self, backbone: Joiner, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
                  two_stage: bool = False):  # fmt: skip
-        super().__init__()
-        hidden_dim = transformer.d_model
-        self.num_queries = num_queries
-        self.transformer = transformer
-        self.num_feature_levels = num_feature_levels
-        self.aux_loss = aux_loss
+        super().__init__(transformer, num_queries, num_feature_levels, aux_loss)
+        hidden_dim = self.hidden_dim
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage
         class_embed, bbox_embed = build_detection_heads(hidden_dim, num_classes)

@@ -304,7 +304,34 @@ def reset_deformable_parameters(transformer: nn.Module) -> None:
     nn.init.normal_(transformer.level_embed)
 
 
-class DeformableTransformer(nn.Module):
+class MultiScaleTransformer(nn.Module):
+    """What the deformable families' transformers share, registered in the published order: the deformable
+    encoder, the decoder the subclass builds from the shared decoder layer (``build_decoder``), the level embedding.
+
+    Args: as ``DeformableTransformer``.
+    """
+
+    def __init__(self, d_model: int, nhead: int, num_encoder_layers: int, num_decoder_layers: int,
+                 dim_feedforward: int, dropout: float, num_feature_levels: int, dec_n_points: int,
+                 enc_n_points: int, attention: str):  # fmt: skip
+        super().__init__()
+        if num_decoder_layers < 1:
+            raise ValueError(f"--dec_layers must be at least 1, got {num_decoder_layers}")
+        self.d_model = d_model
+        self.nhead = nhead
+        self.encoder, decoder_layer = build_encoder_and_decoder_layer(
+            d_model, nhead, num_encoder_layers, dim_feedforward, dropout, num_feature_levels, dec_n_points,
+            enc_n_points, attention,
+        )  # fmt: skip
+        self.decoder = self.build_decoder(decoder_layer, num_decoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+
+    def build_decoder(self, layer: DeformableTransformerDecoderLayer, num_layers: int) -> nn.Module:
+        """The family's decoder of ``num_layers`` copies of ``layer``."""
+        raise NotImplementedError
+
+
+class DeformableTransformer(MultiScaleTransformer):
     """Deformable DETR encoder-decoder with optional two-stage query selection.
 
     Args:
@@ -322,19 +349,10 @@ class DeformableTransformer(nn.Module):
                  num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4,
                  two_stage: bool = False, two_stage_num_proposals: int = 300,
                  attention: str = "sdpa"):  # fmt: skip
-        super().__init__()
-        if num_decoder_layers < 1:
-            raise ValueError(f"--dec_layers must be at least 1, got {num_decoder_layers}")
-        self.d_model = d_model
-        self.nhead = nhead
+        super().__init__(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout,
+                         num_feature_levels, dec_n_points, enc_n_points, attention)  # fmt: skip
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
-        self.encoder, decoder_layer = build_encoder_and_decoder_layer(
-            d_model, nhead, num_encoder_layers, dim_feedforward, dropout, num_feature_levels, dec_n_points,
-            enc_n_points, attention,
-        )  # fmt: skip
-        self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
@@ -343,6 +361,9 @@ class DeformableTransformer(nn.Module):
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self._reset_parameters()
+
+    def build_decoder(self, layer: DeformableTransformerDecoderLayer, num_layers: int) -> nn.Module:
+        return DeformableTransformerDecoder(layer, num_layers)
 
     def _reset_parameters(self) -> None:
         reset_deformable_parameters(self)

@@ -20,8 +20,8 @@ from ..box_refinement import DINO_EPS, refine_boxes
 from ..deformable_detr.transformer import (
     DeformableTransformerDecoderLayer,
     MultiScaleInput,
+    MultiScaleTransformer,
     box_sine_embedding,
-    build_encoder_and_decoder_layer,
     flatten_levels,
     reset_deformable_parameters,
     scale_by_valid_ratios,
@@ -29,7 +29,7 @@ from ..deformable_detr.transformer import (
 )
 from ..denoising import dn_post_process, prepare_for_cdn
 from ..heads import MLP, aux_outputs, build_detection_heads
-from ..multiscale import build_input_proj, project_levels, select_top_queries
+from ..multiscale import MultiScaleDetector, build_input_proj, project_levels, select_top_queries
 
 __all__ = ["DINO", "DINODecoder", "DINOTransformer"]
 
@@ -79,7 +79,7 @@ class DINODecoder(nn.Module):
         return outputs, references
 
 
-class DINOTransformer(nn.Module):
+class DINOTransformer(MultiScaleTransformer):
     """Deformable encoder, mixed query selection (positions from the top-Q proposals, content learned), DINO decoder.
 
     Args: as DeformableTransformer; ``num_queries`` = Q selected proposals (900 published).
@@ -89,18 +89,9 @@ class DINOTransformer(nn.Module):
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
                  num_feature_levels: int = 4, dec_n_points: int = 4, enc_n_points: int = 4,
                  num_queries: int = 900, attention: str = "sdpa"):  # fmt: skip
-        super().__init__()
-        if num_decoder_layers < 1:
-            raise ValueError(f"--dec_layers must be at least 1, got {num_decoder_layers}")
-        self.d_model = d_model
-        self.nhead = nhead
+        super().__init__(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout,
+                         num_feature_levels, dec_n_points, enc_n_points, attention)  # fmt: skip
         self.num_queries = num_queries
-        self.encoder, decoder_layer = build_encoder_and_decoder_layer(
-            d_model, nhead, num_encoder_layers, dim_feedforward, dropout, num_feature_levels, dec_n_points,
-            enc_n_points, attention,
-        )  # fmt: skip
-        self.decoder = DINODecoder(decoder_layer, num_decoder_layers, d_model)
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.tgt_embed = nn.Embedding(num_queries, d_model)
         nn.init.normal_(self.tgt_embed.weight)
         self.enc_output = nn.Linear(d_model, d_model)
@@ -110,6 +101,9 @@ class DINOTransformer(nn.Module):
         # Attached by DINO after this init (deep copies of the initialised shared heads).
         self.enc_out_class_embed: nn.Linear | None = None
         self.enc_out_bbox_embed: MLP | None = None
+
+    def build_decoder(self, layer: DeformableTransformerDecoderLayer, num_layers: int) -> nn.Module:
+        return DINODecoder(layer, num_layers, self.d_model)
 
     def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                 dn_boxes_unact: Tensor | None = None, dn_content: Tensor | None = None,
@@ -159,7 +153,7 @@ class DINOTransformer(nn.Module):
         return hs, references, interm, interm_pre
 
 
-class DINO(nn.Module):
+class DINO(MultiScaleDetector):
     """DINO detector.
 
     Args:
@@ -177,14 +171,9 @@ class DINO(nn.Module):
                  num_feature_levels: int, aux_loss: bool = True, dn_number: int = 100,
                  dn_label_noise_ratio: float = 0.5, dn_box_noise_scale: float = 0.4,
                  dn_labelbook_size: int = 91):  # fmt: skip
-        super().__init__()
-        hidden_dim = transformer.d_model
-        self.num_queries = num_queries
-        self.transformer = transformer
+        super().__init__(transformer, num_queries, num_feature_levels, aux_loss)
+        hidden_dim = self.hidden_dim
         self.num_classes = num_classes
-        self.hidden_dim = hidden_dim
-        self.num_feature_levels = num_feature_levels
-        self.aux_loss = aux_loss
         self.dn_number = dn_number
         self.dn_label_noise_ratio = dn_label_noise_ratio
         self.dn_box_noise_scale = dn_box_noise_scale
