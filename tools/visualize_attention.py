@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from predict import check_device, find_images, open_rgb  # noqa: E402
-from run.model_loading import load_model  # noqa: E402
 from run.checkpoint import CheckpointError  # noqa: E402
+from run.model_loading import load_model  # noqa: E402
 from tools.attention_maps import (  # noqa: E402, F401 - the public names of this tool
     AttentionMaps,
     SamplingPoints,
