@@ -264,8 +264,8 @@ def _run(args: argparse.Namespace, ctx: RunContext) -> dict[str, Any]:
     except ValueError as e:  # flags that do not fit together, e.g. --masks with --backbone_stages 2
         raise UsageError(str(e)) from None
     if category_ids is not None:
-        postprocessors["bbox"].set_category_ids(category_ids)
-    if ctx.dist.distributed and args.sync_bn:
+        postprocessors["bbox"].set_category_ids(category_ids, ctx.num_classes)
+    if ctx.dist.distributed and args.sync_bn and device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     criterion.to(device)

@@ -92,8 +92,8 @@ def load_model(
         raise ValueError(f"{checkpoint_path}: weights do not fit the rebuilt model ({' '.join(first)})") from None
     if labels_are_indices(args):
         ids = stored_category_ids(checkpoint)  # this project's runs store the dataset's categories
-        if ids is not None and len(ids) == args.num_classes:
-            postprocessors["bbox"].set_category_ids(ids)
+        if ids is not None and len(ids) <= args.num_classes:
+            postprocessors["bbox"].set_category_ids(ids, args.num_classes)
     return model.to(device).eval(), postprocessors, args, checkpoint
 
 

@@ -33,6 +33,11 @@ FAMILY_FLAGS = {
     "detr": ("--model", "detr"),
     "deformable_detr": ("--model", "deformable_detr"),
     "dino": ("--model", "dino", "--lr_backbone", "1e-5", "--num_select", "20", "--dn_number", "4"),
+    # RT-DETRv2: R18-vd with trainable BN at width 32, images resized to 64 x 64 (its eval anchors), no
+    # multi-scale batches, no warm-up (runs of a few steps would never leave it); its EMA stays on.
+    "rtdetrv2": ("--model", "rtdetrv2", "--backbone", "presnet18vd", "--freeze_at", "-1", "--no_freeze_norm",
+                 "--enc_hidden_dim", "32", "--enc_dim_feedforward", "64", "--num_select", "20", "--dn_number", "4",
+                 "--eval_spatial_size", "64", "64", "--multiscale_sizes", "--warmup_iters", "0"),
 }
 
 

@@ -31,7 +31,11 @@ RUN_FLAGS = [*DATA_FLAGS, "--batch_size", "2", "--lr", "1e-3", "--lr_backbone", 
 FAMILIES = list(FAMILY_FLAGS)  # every framework feature is tested on each family, with its run flags
 # Detections per validation image: DETR one per query, Deformable DETR the top 100 (query, class) pairs, DINO the
 # top --num_select (20 in FAMILY_FLAGS).
-DETECTIONS_PER_IMAGE = {"detr": 10, "deformable_detr": 100, "dino": 20}
+DETECTIONS_PER_IMAGE = {"detr": 10, "deformable_detr": 100, "dino": 20, "rtdetrv2": 20}
+# The classification loss of each family (RT-DETRv2: the varifocal loss) and its class head.
+CLASS_LOSS = {"detr": "loss_ce", "deformable_detr": "loss_ce", "dino": "loss_ce", "rtdetrv2": "loss_vfl"}
+CLASS_HEAD = {"detr": "class_embed.weight", "deformable_detr": "class_embed.1.weight",
+              "dino": "class_embed.1.weight", "rtdetrv2": "decoder.dec_score_head.1.weight"}  # fmt: skip
 
 
 def _args(data_dir: Path, out_dir: Path, *extra: str):
@@ -67,9 +71,11 @@ def test_training_writes_log_checkpoints_and_config(trained):
     assert [line["epoch"] for line in lines] == [0, 1]
     for line in lines:
         assert len(line["test_coco_eval_bbox"]) == 12
-        assert {"train_loss", "train_loss_ce", "train_lr", "test_loss", "n_parameters", "elapsed_time"} <= set(line)
+        class_loss = f"train_{CLASS_LOSS[_family(trained)]}"
+        assert {"train_loss", class_loss, "train_lr", "test_loss", "n_parameters", "elapsed_time"} <= set(line)
     # DINO's box losses swing over 2 iterations with its random denoising noise: its classification loss must fall.
-    falling = "train_loss_ce" if _family(trained) == "dino" else "train_loss"
+    # RT-DETRv2's varifocal loss grows with the IoU of its matches (its target) while they improve: its GIoU loss.
+    falling = {"dino": "train_loss_ce", "rtdetrv2": "train_loss_giou"}.get(_family(trained), "train_loss")
     assert lines[1][falling] < lines[0][falling]
     assert lines[1]["train_lr"] == pytest.approx(lines[0]["train_lr"] * 0.1)  # StepLR(lr_drop=1)
     assert stats["coco_eval_bbox"] == lines[1]["test_coco_eval_bbox"]
@@ -82,7 +88,8 @@ def test_training_writes_log_checkpoints_and_config(trained):
     assert (out / "checkpoint0000.pth").is_file() and (out / "checkpoint0001.pth").is_file()
     assert load_checkpoint(out / "checkpoint0000.pth")["epoch"] == 0
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["hidden_dim"] == 32 and resolved["num_classes"] == 13  # synthetic ids go up to 12
+    # Synthetic ids go up to 12; RT-DETRv2 numbers its 6 categories (--remap_mscoco_category).
+    assert resolved["hidden_dim"] == 32 and resolved["num_classes"] == (6 if _family(trained) == "rtdetrv2" else 13)
     assert (out / "eval" / "latest.pth").is_file() and (out / "eval" / "000.pth").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -325,7 +332,7 @@ def test_custom_coco_data_with_num_classes(tmp_path, family):
     stats = main_module.main(args)
     assert len(stats["coco_eval_bbox"]) == 12
     state = load_checkpoint(out / "checkpoint.pth")["model"]
-    head = "class_embed.weight" if family == "detr" else "class_embed.1.weight"
+    head = CLASS_HEAD[family]
     assert state[head].shape[0] == (10 if family == "detr" else 9)  # DETR adds its "no object" class
     (line,) = read_log(out / "log.txt")
     assert line["train_loss"] > 0 and (out / "eval" / "latest.pth").is_file()

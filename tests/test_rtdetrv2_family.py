@@ -243,6 +243,13 @@ def test_end_to_end_train_eval_resume_predict(tmp_path):
     key = "decoder.enc_score_head.bias"
     assert torch.equal(model.state_dict()[key], full["ema"]["module"][key])
     assert post["bbox"].category_ids.tolist() == [1, 3, 4, 7, 9, 12]
+    import predict  # predict.py end to end: the family's 64 x 64 transform, the dataset's ids and names
+
+    val = next(data.glob("*/val2017"))
+    results = predict.main(["--checkpoint", str(tmp_path / "full" / "checkpoint.pth"), str(val), "--output_dir",
+                            str(tmp_path / "pred"), "--threshold", "0", "--no_images", "--device", "cpu",
+                            "--no_progress"])  # fmt: skip
+    assert len(results) == 2 * 10 and {r["category_id"] for r in results} <= {1, 3, 4, 7, 9, 12}
 
 
 def test_the_epoch_reaches_the_train_transform_and_the_collation():
@@ -304,3 +311,15 @@ def test_class_numbering_follows_remap_mscoco_category(tmp_path):
     assert class_numbering(family, family.make_settings(vars(args)), datasets.data_settings(args), 8)[1] == 8
     with pytest.raises(UsageError, match="--num_classes 5 is fewer than the dataset's 6 categories"):
         class_numbering(family, family.make_settings(vars(args)), datasets.data_settings(args), 5)
+
+
+def test_postprocessor_reports_category_ids_and_numbers_extra_classes_after_them():
+    post = models.rtdetrv2.RTDETRPostProcessor(num_select=4)
+    post.set_category_ids([2, 5], num_classes=4)  # --num_classes 4 for 2 categories
+    assert post.category_ids.tolist() == [2, 5, 6, 7]
+    logits = torch.full((1, 1, 4), -9.0)
+    logits[0, 0] = torch.tensor([0.0, 3.0, 1.0, 2.0])  # labels by score: 1, 3, 2, 0
+    outputs = {"pred_logits": logits, "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])}
+    (result,) = post(outputs, torch.tensor([[10, 20]]))
+    assert result["labels"].tolist() == [5, 7, 6, 2]
+    assert result["boxes"][0].tolist() == pytest.approx([8.0, 4.0, 12.0, 6.0])

@@ -30,9 +30,17 @@ class RTDETRPostProcessor(PostProcessTopK):
         ids = torch.as_tensor(list(category_ids), dtype=torch.int64) if category_ids is not None else None
         self.register_buffer("category_ids", ids, persistent=False)
 
-    def set_category_ids(self, category_ids: Sequence[int] | None) -> None:
-        """Report label i as ``category_ids[i]`` (the dataset's sorted ids); None: labels stay class indices."""
-        ids = None if category_ids is None else torch.as_tensor(list(category_ids), dtype=torch.int64)
+    def set_category_ids(self, category_ids: Sequence[int] | None, num_classes: int | None = None) -> None:
+        """Report label i as ``category_ids[i]`` (the dataset's sorted ids); None: labels stay class indices.
+
+        ``num_classes`` above the number of ids (--num_classes larger than the dataset's categories): the extra
+        labels get the ids after the largest one (max + 1, max + 2, ...).
+        """
+        ids = None
+        if category_ids is not None:
+            ids = list(category_ids)
+            ids += range(max(ids) + 1, max(ids) + 1 + max(0, (num_classes or 0) - len(ids)))
+            ids = torch.as_tensor(ids, dtype=torch.int64)
         self.register_buffer("category_ids", ids, persistent=False)
 
     @torch.no_grad()
