@@ -22,11 +22,16 @@ from typing import Any
 from torch import Tensor
 
 from interop.hf_detr import Arch, MappingError, hf_to_project_state, project_arch, project_to_hf_state
+from interop.hf_rtdetr_config import checkpoint_to_hf_files, hf_folder_to_rtdetr
 
 __all__ = ["checkpoint_to_hf_folder", "hf_config_flags", "hf_folder_to_checkpoint", "read_hf_folder"]
 
-#: HF model_type -> our --model.
+#: HF model_type -> our --model (DETR and Deformable DETR: this module's mapping).
 HF_FAMILIES = {"detr": "detr", "deformable_detr": "deformable_detr"}
+#: Families with their own converter: HF model_type -> (folder, config, weights, class names) -> checkpoint, and our
+#: --model -> (checkpoint, folder) -> HF weights (after writing config.json and preprocessor_config.json).
+HF_READERS = {"rt_detr_v2": hf_folder_to_rtdetr}
+HF_WRITERS = {"rtdetrv2": checkpoint_to_hf_files}
 #: timm ResNets whose tensors and arithmetic equal torchvision's (our --backbone names).
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 log = logging.getLogger("detr")
@@ -91,7 +96,8 @@ def hf_config_flags(config: Mapping[str, Any], masks: bool) -> tuple[Arch, list[
     """The `Arch` and our command-line flags (``--model`` first) of an HF config.json."""
     family = HF_FAMILIES.get(config.get("model_type", ""))
     if family is None:
-        raise MappingError(f"HF model_type '{config.get('model_type')}': convertible ones are {', '.join(HF_FAMILIES)}")
+        convertible = ", ".join([*HF_FAMILIES, *HF_READERS])
+        raise MappingError(f"HF model_type '{config.get('model_type')}': convertible ones are {convertible}")
     if config.get("activation_function", "relu") != "relu":
         raise MappingError(f"HF activation_function '{config['activation_function']}': this project uses relu")
     if config.get("num_channels", 3) != 3:
@@ -128,10 +134,14 @@ def class_names_from_id2label(id2label: Mapping[Any, str]) -> dict[int, str]:
 
 
 def hf_folder_to_checkpoint(folder: str | Path) -> dict[str, Any]:
-    """An HF DETR / Deformable DETR folder as this project's checkpoint dict ('model', 'args', 'class_names')."""
+    """An HF DETR / Deformable DETR / RT-DETRv2 folder as this project's checkpoint dict ('model', 'args',
+    'class_names')."""
     from cli.arguments import get_args_parser
 
     config, hf_state = read_hf_folder(folder)
+    reader = HF_READERS.get(config.get("model_type", ""))
+    if reader is not None:
+        return reader(folder, config, hf_state, class_names_from_id2label(config.get("id2label") or {}))
     masks = any(k.startswith("mask_head.") for k in hf_state)
     arch, flags = hf_config_flags(config, masks)
     if arch.family == "detr" and config.get("auxiliary_loss"):
@@ -216,16 +226,25 @@ def hf_config_kwargs(state: Mapping[str, Tensor], args: argparse.Namespace, arch
 
 
 def checkpoint_to_hf_folder(checkpoint: Mapping[str, Any], folder: str | Path) -> Path:
-    """Write one of our checkpoints (DETR, DETR --masks, Deformable DETR) as an HF ``save_pretrained`` folder."""
+    """Write one of our checkpoints (DETR, DETR --masks, Deformable DETR, RT-DETRv2) as an HF ``save_pretrained``
+    folder."""
     from cli.arguments import get_args_parser
-    from run.checkpoint import checkpoint_args_to_namespace
+    from run.checkpoint import checkpoint_args_to_namespace, inference_weights
     from run.model_loading import checkpoint_family
     from util.class_names import resolve_class_names
 
+    if not isinstance(inference_weights(checkpoint), Mapping):
+        raise MappingError("checkpoint has no 'model' state dict")
+    family = checkpoint_family(checkpoint)
+    folder = Path(folder)
+    if family in HF_WRITERS:
+        folder.mkdir(parents=True, exist_ok=True)
+        hf_state = HF_WRITERS[family](checkpoint, folder)
+        _need("safetensors.torch").save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return folder
     if not isinstance(checkpoint.get("model"), Mapping):
         raise MappingError("checkpoint has no 'model' state dict")
     state = checkpoint["model"]
-    family = checkpoint_family(checkpoint)
     arch = project_arch(state, family)
     args = get_args_parser().parse_args(["--model", family])
     stored = checkpoint_args_to_namespace(checkpoint.get("args"))
@@ -241,7 +260,6 @@ def checkpoint_to_hf_folder(checkpoint: Mapping[str, Any], folder: str | Path) -
     transformers = _need("transformers")
     config_class = transformers.DetrConfig if detr else transformers.DeformableDetrConfig
     processor_class = transformers.DetrImageProcessor if detr else transformers.DeformableDetrImageProcessor
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config_class(**kwargs).save_pretrained(folder)
     processor_class(format="coco_panoptic" if arch.masks else "coco_detection").save_pretrained(folder)

@@ -1,4 +1,5 @@
-"""Convert between HF transformers model folders and this project's checkpoints (DETR, DETR panoptic, Deformable DETR).
+"""Convert between HF transformers model folders and this project's checkpoints (DETR, DETR panoptic, Deformable DETR,
+RT-DETRv2).
 
 Examples:
     python tools/convert_hf.py to-project hf/detr-resnet-50 detr-r50-hf.pth
@@ -6,9 +7,10 @@ Examples:
     python tools/convert_hf.py from-project outputs/checkpoint.pth hf/my-detr
     # then: transformers.pipeline("object-detection", model="hf/my-detr")
 
-``to-project`` reads a ``save_pretrained`` folder (config.json + model.safetensors, timm ResNet backbone as in the
-published HF checkpoints) and writes a checkpoint with 'model' (the published DETR / Deformable DETR keys), 'args'
-(every flag that rebuilds the model) and 'class_names' (from ``id2label``). ``from-project`` writes config.json,
+``to-project`` reads a ``save_pretrained`` folder (config.json + model.safetensors; DETR / Deformable DETR with the
+timm ResNet backbone as in the published HF checkpoints, RT-DETRv2 with its ResNet-vd) and writes a checkpoint with
+'model' (the published keys of the family), 'args' (every flag that rebuilds the model) and 'class_names' (from
+``id2label``). ``from-project`` writes config.json,
 model.safetensors and preprocessor_config.json. Both check that every tensor has its place; ``--check`` also
 rebuilds the converted model and loads the weights strictly.
 """
@@ -35,7 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     to.add_argument("output", help="checkpoint file to write")
     to.add_argument("--check", action="store_true", help="rebuild the model and load the weights strictly")
     back = sub.add_parser("from-project", help="this project's checkpoint -> HF folder")
-    back.add_argument("checkpoint", help="checkpoint file (.pth) of DETR, DETR --masks or Deformable DETR")
+    back.add_argument("checkpoint", help="checkpoint file (.pth) of DETR, DETR --masks, Deformable DETR or RT-DETRv2")
     back.add_argument("hf_folder", help="folder to write (created; existing files of the same names are replaced)")
     back.add_argument("--check", action="store_true", help="load the folder with transformers' from_pretrained")
     return parser
@@ -57,7 +59,8 @@ def check_hf_folder(folder: Path) -> None:
 
     model_class = {"DetrForSegmentation": transformers.DetrForSegmentation,
                    "DetrForObjectDetection": transformers.DetrForObjectDetection,
-                   "DeformableDetrForObjectDetection": transformers.DeformableDetrForObjectDetection}  # fmt: skip
+                   "DeformableDetrForObjectDetection": transformers.DeformableDetrForObjectDetection,
+                   "RTDetrV2ForObjectDetection": transformers.RTDetrV2ForObjectDetection}  # fmt: skip
     name = transformers.AutoConfig.from_pretrained(folder).architectures[0]
     _, info = model_class[name].from_pretrained(folder, output_loading_info=True)
     wrong = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
