@@ -308,6 +308,23 @@ def test_unconvertible_fail_in_one_line(tmp_path):
         hf_rtdetr_flags({**config, "backbone_config": {"model_type": "resnet"}})
 
 
+def test_invalid_anchors_selected_same_outputs(tmp_path):
+    """At 416 x 416 the border anchors of stride 8 are invalid (centre < 0.01): HF marks them with float32's max,
+    ours (published) with +inf; both give reference 1 after the sigmoid. The score head is aimed at the memory of
+    invalid (zeroed) tokens so that every selected query is one of them."""
+    hf_model = hf_rtdetr()
+    with torch.no_grad():
+        invalid_memory = hf_model.model.enc_output(torch.zeros(1, 32))[0]
+        hf_model.model.enc_score_head.weight.copy_(invalid_memory.expand(5, 32) * 10)
+    checkpoint = to_project(hf_model, tmp_path, size=416)
+    valid = checkpoint["model"]["decoder.valid_mask"][0, :, 0]
+    x = images(416, 416, count=1)
+    with torch.no_grad():
+        scores = hf_model(pixel_values=x).enc_outputs_class.max(-1).values
+    assert not valid[scores.topk(10, dim=1).indices[0]].any()
+    assert_same_outputs(run_ours(build_ours(checkpoint), x), run_hf(hf_model, x))
+
+
 # ------------------------------------------------------------------------------------------ known differences
 
 
