@@ -26,24 +26,7 @@ import subprocess
 import sys
 import time
 
-from speed_common import ROOT, format_info, machine_info, markdown_table
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        return True
-    except OSError:
-        return False
+from speed_common import ROOT, format_info, machine_info, markdown_table, reset_peak_rss, rss_kib
 
 
 def _build_backbone(name: str):
@@ -100,8 +83,8 @@ def run(name: str, opts: argparse.Namespace) -> dict:
 
     from util.misc import NestedTensor
 
-    base_rss = _rss_kib("VmRSS")
-    can_reset = _reset_peak_rss()
+    base_rss = rss_kib("VmRSS")
+    can_reset = reset_peak_rss()
     torch.manual_seed(0)
     if opts.mode == "full":
         model, step = _full_step(name, opts)
@@ -129,7 +112,7 @@ def run(name: str, opts: argparse.Namespace) -> dict:
         "step_s": statistics.median(cpu[opts.warmup :]),
         "step_min_s": min(cpu[opts.warmup :]),
         "step_wall_s": statistics.median(wall[opts.warmup :]),
-        "peak_mib": (_rss_kib("VmHWM") - base_rss) / 1024 if can_reset else float("nan"),
+        "peak_mib": (rss_kib("VmHWM") - base_rss) / 1024 if can_reset else float("nan"),
     }
 
 

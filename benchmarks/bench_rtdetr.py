@@ -23,26 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from speed_common import ROOT, format_info, machine_info, markdown_table
+from speed_common import ROOT, format_info, machine_info, markdown_table, reset_peak_rss, rss_kib
 
 VARIANTS = ("eager", "bf16", "channels_last", "compile", "onnxruntime", "train")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 def _build(recipe: str, size: int):
@@ -112,8 +95,8 @@ def _step_function(variant: str, opts: argparse.Namespace):
 def run(variant: str, opts: argparse.Namespace) -> dict:
     """Time ``opts.warmup + opts.iters`` calls of ``variant`` in this process."""
     step = _step_function(variant, opts)
-    base_rss = _rss_kib("VmRSS")
-    can_reset = _reset_peak_rss()
+    base_rss = rss_kib("VmRSS")
+    can_reset = reset_peak_rss()
     times = []
     for _ in range(opts.warmup + opts.iters):
         tic = time.perf_counter()
@@ -123,7 +106,7 @@ def run(variant: str, opts: argparse.Namespace) -> dict:
         "variant": variant,
         "median_s": statistics.median(times[opts.warmup :]),
         "min_s": min(times[opts.warmup :]),
-        "peak_mib": (_rss_kib("VmHWM") - base_rss) / 1024 if can_reset else float("nan"),
+        "peak_mib": (rss_kib("VmHWM") - base_rss) / 1024 if can_reset else float("nan"),
     }
 
 

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from speed_common import ROOT, format_info, machine_info, markdown_table
+from speed_common import ROOT, format_info, machine_info, markdown_table, reset_peak_rss, rss_kib
 
 VARIANTS: dict[str, dict] = {
     "math": dict(attention="math"),  # the reference: plain softmax attention, float32
@@ -109,21 +109,6 @@ def _make_batch(sizes: list[tuple[int, int]], num_classes: int, boxes_per_image:
     return images, targets
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def run_variant(config: str, variant: str, iters: int, warmup: int, infer_iters: int, device_name: str) -> dict:
     """Build, check, time inference and training of one (config, variant); returns the measurements."""
     import torch
@@ -145,8 +130,8 @@ def run_variant(config: str, variant: str, iters: int, warmup: int, infer_iters:
     args = parse_args_with_config(get_args_parser(), flags)
     amp = options.get("amp", "off")
 
-    base_rss = _rss_kib("VmRSS")
-    can_reset = _reset_peak_rss()
+    base_rss = rss_kib("VmRSS")
+    can_reset = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
@@ -201,7 +186,7 @@ def run_variant(config: str, variant: str, iters: int, warmup: int, infer_iters:
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak_mib = (_rss_kib("VmHWM") - base_rss) / 1024 if can_reset else float("nan")
+        peak_mib = (rss_kib("VmHWM") - base_rss) / 1024 if can_reset else float("nan")
     return {
         "config": config,
         "variant": variant,
