@@ -27,6 +27,7 @@ from util.misc import NestedTensor
 
 from .feature_maps import FrozenBatchNorm2d, downsample_mask_nearest
 from .position_encoding import build_position_encoding
+from .state_dict import read_weights_file
 from .swin_transformer import SWIN_CONFIGS, build_swin_backbone
 from .timm_backbone import TIMM_PREFIX, build_timm_backbone, parse_timm_name
 
@@ -93,20 +94,7 @@ def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
 
 def _file_state_dict(path: str, name: str) -> dict[str, Tensor]:
     """A torchvision ResNet state dict from ``path`` (also accepts {'model': ...} and DETR-prefixed keys)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"--backbone_weights {path}: no such file; expected 'imagenet', 'none' or a {name} .pth state dict"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ValueError(f"--backbone_weights {path}: expected a state dict, got {type(state).__name__}")
-    for prefix in ("module.", "backbone.0.body."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
+    return read_weights_file(path, f"'imagenet', 'none' or a {name} .pth state dict", ("module.", "backbone.0.body."))
 
 
 def load_backbone_weights(resnet: nn.Module, weights: str, name: str) -> None:

@@ -15,7 +15,6 @@ right/bottom to a multiple of the patch size, every block pads its map to a mult
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from torchvision.ops import StochasticDepth
 from util.misc import NestedTensor
 
 from .feature_maps import downsample_mask_nearest
+from .state_dict import read_weights_file
 
 __all__ = [
     "SWIN_CONFIGS",
@@ -348,18 +348,7 @@ class SwinTransformer(nn.Module):
 def _read_state_dict(path: str) -> dict[str, Tensor]:
     """A Swin state dict from ``path``: a bare dict, {'model': ...} (published ImageNet files) or a DINO checkpoint
     (keys under ``backbone.0.``); a DDP ``module.`` prefix is removed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--backbone_weights {path}: no such file; expected 'none' or a Swin .pth state dict")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ValueError(f"--backbone_weights {path}: expected a state dict, got {type(state).__name__}")
-    for prefix in ("module.", "backbone.0."):
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
+    return read_weights_file(path, "'none' or a Swin .pth state dict", ("module.", "backbone.0."))
 
 
 def _is_imagenet_only(key: str) -> bool:

@@ -10,7 +10,6 @@ Weights come only from a local file; nothing is downloaded.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from util.misc import NestedTensor
 
 from .feature_maps import FrozenBatchNorm2d, downsample_mask_nearest
+from .state_dict import read_weights_file
 
 __all__ = ["TimmBackbone", "build_timm_backbone", "freeze_batch_norm", "import_timm", "parse_timm_name"]
 
@@ -83,22 +83,7 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
 def _read_state_dict(path: str, name: str) -> dict[str, Tensor]:
     """A timm model's state dict from a local .pth / .bin / .safetensors file (bare, {'model': ...} or
     {'state_dict': ...}; a DDP ``module.`` prefix is removed)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--backbone_weights {path}: no such file; expected 'none' or a timm {name} state dict")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ValueError(f"--backbone_weights {path}: expected a state dict, got {type(state).__name__}")
-    if any(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
+    return read_weights_file(path, f"'none' or a timm {name} state dict")
 
 
 def _check_state_dict(state: dict[str, Tensor], full_model: nn.Module, path: str, name: str) -> None:
