@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from oracles import cxcywh_to_xyxy, giou_cxcywh
 
 from models.matcher import HungarianMatcher, focal_class_cost
 from models.rtdetrv2 import RTDETRCriterionv2, build_criterion, recipe, rtdetr_weight_dict
-from tests.oracles import cxcywh_to_xyxy, giou_cxcywh
 
 
 def iou_cxcywh(a, b) -> float:
