@@ -27,7 +27,7 @@ import os
 
 import pytest
 import torch
-from helpers import parse_tiny_args
+from helpers import FAMILY_FLAGS, parse_tiny_args
 from pycocotools.coco import COCO
 
 import models
@@ -51,7 +51,16 @@ FAMILIES = {
     # No denoising queries: their random noise is drawn from each device's own generator, so a CPU and a CUDA
     # train step would differ by construction.
     "dino": ("--model", "dino", "--dn_number", "0", "--num_select", "20"),
+    # The tiny run flags of tests/helpers.py, likewise without denoising queries.
+    "rtdetrv2": (*FAMILY_FLAGS["rtdetrv2"], "--dn_number", "0"),
 }
+# Families whose queries are the top-k encoder proposals: reduced precision may select other ones.
+TOP_K_QUERIES = {"dino", "rtdetrv2"}
+# ... and where that changes the training loss beyond the tolerance: the tiny RT-DETRv2's bf16 scores select 9 of
+# its 10 float32 queries (measured on the CPU), its bf16 loss is then 3% off.
+TOP_K_CHANGES_LOSS = {"rtdetrv2"}
+# RT-DETRv2's published parameter groups (run.recipe.build_optimizer) build a plain, unfused AdamW.
+UNFUSED_ADAMW = {"rtdetrv2"}
 TOLERANCES = {  # amp: (outputs, relative loss, minimum cosine of the gradients)
     "off": (1e-4, 1e-4, 0.999),
     "bf16": (5e-2, 2e-2, 0.9),
@@ -119,8 +128,8 @@ def _weighted_loss(criterion, outputs, targets) -> torch.Tensor:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_forward_matches_cpu(family, amp):
     _skip_unsupported(amp)
-    if family == "dino" and amp != "off":
-        pytest.skip("DINO's top-k query selection may pick other proposals in reduced precision (float32 checked)")
+    if family in TOP_K_QUERIES and amp != "off":
+        pytest.skip("top-k query selection may pick other proposals in reduced precision (float32 checked)")
     _, model, _, _ = _build(family)
     model.eval()
     samples, targets = _batch()
@@ -138,6 +147,8 @@ def test_forward_matches_cpu(family, amp):
 def test_train_step_matches_cpu(family, amp):
     """Loss, backward, clipping and one fused-AdamW step (fp16 through the GradScaler) against the CPU's step."""
     _skip_unsupported(amp)
+    if family in TOP_K_CHANGES_LOSS and amp != "off":
+        pytest.skip("top-k query selection picks other proposals in reduced precision (float32 checked)")
     args, model, criterion, _ = _build(family)
     samples, targets = _batch()
     results = []
@@ -145,7 +156,7 @@ def test_train_step_matches_cpu(family, amp):
         net = copy.deepcopy(model).to(device).train()
         crit = copy.deepcopy(criterion).to(device)
         optimizer = build_optimizer(net, args)
-        assert optimizer.defaults["fused"]  # the one-kernel AdamW on CPU and CUDA
+        assert optimizer.defaults["fused"] or family in UNFUSED_ADAMW  # the one-kernel AdamW on CPU and CUDA
         scaler = make_grad_scaler(precision, torch.device(device).type)
         assert scaler.is_enabled() == (precision == "fp16")
         before = [p.detach().clone() for p in net.parameters() if p.requires_grad]
@@ -155,7 +166,10 @@ def test_train_step_matches_cpu(family, amp):
         assert torch.isfinite(grad_norm), "fp16 overflowed at the initial scale: the step was skipped"
         trained = [p for p in net.parameters() if p.requires_grad]
         # After the step the gradients are still there, unscaled and clipped: what AdamW stepped with.
-        grads = torch.cat([p.grad.float().flatten().cpu() for p in trained])
+        # A parameter unused by this step (RT-DETRv2's denoising class embedding without denoising) has no gradient.
+        grads = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten().cpu() for p in trained]
+        )
         after = torch.cat([p.detach().float().flatten().cpu() for p in trained])
         results.append((float(loss.detach()), grads, torch.cat([b.float().flatten().cpu() for b in before]), after))
     (loss_cpu, grads_cpu, start, after_cpu), (loss_dev, grads_dev, _, after_dev) = results
