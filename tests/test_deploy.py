@@ -68,9 +68,7 @@ def test_fold_of_one_channel_by_hand():
     assert weight.item() == pytest.approx(8 / math.sqrt(2))
     assert bias.item() == pytest.approx(-8 / math.sqrt(2) - 1)
     frozen = FrozenBatchNorm2d(1, eps=0.5)
-    frozen.load_state_dict(
-        {k: v for k, v in norm.state_dict().items() if k != "num_batches_tracked"}, strict=True
-    )
+    frozen.load_state_dict({k: v for k, v in norm.state_dict().items() if k != "num_batches_tracked"}, strict=True)
     assert fold_conv_norm(conv, frozen)[1].item() == pytest.approx(-8 / math.sqrt(2) - 1)
     with pytest.raises(ValueError, match="cannot fold a GroupNorm"):
         fold_conv_norm(conv, nn.GroupNorm(1, 1))
