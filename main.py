@@ -41,6 +41,7 @@ from run.loaders import begin_epoch, build_data_loaders
 from run.lr_warmup import LinearWarmup, step_epoch_scheduler
 from run.preemption import PreemptionHandler, requeue_slurm_job
 from run.recipe import apply_family_data, build_lr_scheduler, build_optimizer, class_numbering
+from run.rng_state import preserved_rng_state
 from run.run_dir import check_new_run_dir, next_free_run_dir, resume_command
 from run.run_state import TrainState, checkpoint_paths, load_weights
 from util import distributed as dist_utils
@@ -397,7 +398,8 @@ def _train(args, ctx: RunContext, record: argparse.Namespace, model, criterion, 
                             skipped)  # fmt: skip
                 log_stats["train_skipped_samples"] = skipped
             if (epoch + 1) % max(args.eval_every, 1) == 0 or epoch == args.epochs - 1:
-                test_stats, coco_evaluator = evaluate_now()
+                with preserved_rng_state():  # the checkpoint above holds the RNG state the next epoch starts from
+                    test_stats, coco_evaluator = evaluate_now()
                 log_stats.update({f"test_{k}": v for k, v in test_stats.items()})
                 for prefix, values in _metric_scalars(test_stats).items():
                     logger.scalars(values, step=epoch, prefix=prefix)

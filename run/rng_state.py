@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -72,3 +74,17 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(torch.as_tensor(device_state, dtype=torch.uint8).cpu(), device)
     if "mps" in state and torch.backends.mps.is_available():
         torch.mps.set_rng_state(torch.as_tensor(state["mps"], dtype=torch.uint8).cpu())
+
+
+@contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Run the block without moving any generator `capture_rng_state` covers (restored on exit, also on error).
+
+    For work between a checkpoint and the next training step, e.g. an evaluation whose data loader draws its
+    seed from the global torch generator: the checkpoint's RNG state must stay the one training continues from.
+    """
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)

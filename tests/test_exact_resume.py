@@ -20,8 +20,8 @@ from run.checkpoint import load_checkpoint
 from run.preemption import PreemptionHandler
 from util.logging import read_log
 
-# 6 images at batch 2: 3 iterations per epoch; no evaluation until the last epoch (it does not touch the RNG
-# a checkpoint captured, but it costs time).
+# 6 images at batch 2: 3 iterations per epoch; no evaluation until the last epoch (it costs time; evaluating
+# every epoch is tested on its own below).
 RUN_FLAGS = ["--synthetic_train_size", "6", "--synthetic_val_size", "1", "--input_scale", "0.1",
              "--batch_size", "2", "--lr", "1e-3", "--lr_backbone", "1e-4", "--lr_drop", "1", "--dropout", "0.1",
              "--no_progress", "--num_workers", "0", "--eval_every", "100"]  # fmt: skip
@@ -86,3 +86,19 @@ def test_mid_epoch_resume_is_bit_identical(straight, tmp_path, monkeypatch):
     assert len(steps) == 6  # 4 batches, then the 2 remaining ones of epoch 1: none repeated, none skipped
     _assert_same_model(reference, out)
     assert _train_losses(out) == _train_losses(reference)
+
+
+@pytest.mark.parametrize("family", ["detr", "rtdetrv2"])
+def test_resume_with_evaluation_every_epoch_is_bit_identical(family, tmp_path):
+    """--eval_every 1: the evaluation after each epoch (its loader draws a seed) must not shift the training RNG
+    a checkpoint captured before it; losses of training and evaluation are compared as exact floats."""
+    model = [*FAMILY_FLAGS[family], "--eval_every", "1"]
+    reference, out = tmp_path / "straight", tmp_path / "split"
+    _run(tmp_path / "data", reference, *model, "--epochs", "3")
+    _run(tmp_path / "data", out, *model, "--epochs", "1")
+    _run(tmp_path / "data", out, *model, "--epochs", "3", "--resume", "auto")
+    _assert_same_model(reference, out)
+    logged = [read_log(run / "log.txt") for run in (reference, out)]
+    assert [len(lines) for lines in logged] == [3, 3]
+    for key in ("train_loss", "test_loss"):
+        assert [line[key] for line in logged[1]] == [line[key] for line in logged[0]], key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from run.checkpoint import load_checkpoint, save_checkpoint
-from run.rng_state import capture_rng_state, restore_rng_state
+from run.rng_state import capture_rng_state, preserved_rng_state, restore_rng_state
 
 
 def _draw() -> dict:
@@ -81,3 +82,19 @@ def test_cuda_generators_are_restored():
     first = torch.randn(8, device="cuda")
     restore_rng_state(state)
     assert torch.equal(torch.randn(8, device="cuda"), first)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_preserved_block_leaves_every_generator_where_it_was(fail):
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    expected = _draw()  # the streams right after seeding
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+        with preserved_rng_state():
+            inside = _draw()
+            torch.utils.data.DataLoader(list(range(3))).__iter__()  # draws a base seed from the torch generator
+            if fail:
+                raise RuntimeError("an evaluation that fails")
+    after = _draw()
+    _assert_same(after, expected)
+    _assert_same(inside, expected)  # the block itself drew from the same (not reseeded) streams
