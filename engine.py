@@ -108,6 +108,23 @@ def _loss_terms(loss_dict: Mapping[str, torch.Tensor], weight_dict: Mapping[str,
     return terms
 
 
+def lead_lr_group(optimizer: torch.optim.Optimizer, lr: float | None = None) -> int:
+    """Index of the param group whose lr a run reports as its 'lr' (the one following ``--lr``).
+
+    The first group whose base lr (``initial_lr``, which an lr scheduler records before any warm-up or decay;
+    else ``lr``) equals ``lr``; without a match (or ``lr`` None) the first group of the largest base lr. The
+    position is not fixed by family: DETR puts the ``--lr`` group first, RT-DETRv2's role groups the backbone.
+    """
+    bases = [float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+    if not bases:
+        raise ValueError("the optimizer has no param groups")
+    if lr is not None:
+        for index, base in enumerate(bases):
+            if math.isclose(base, lr, rel_tol=1e-9, abs_tol=0.0):
+                return index
+    return bases.index(max(bases))
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -126,6 +143,7 @@ def train_one_epoch(
     start_iteration: int = 0,
     on_step: Callable[[int], bool] | None = None,
     tracker: MetricTracker | None = None,
+    lr_group: int | None = None,
 ) -> dict[str, float]:
     """Train for one pass over ``data_loader`` (at most ``max_iters`` batches).
 
@@ -142,6 +160,8 @@ def train_one_epoch(
             True ends the epoch there (e.g. on a preemption signal).
         tracker: accumulates the epoch's statistics (pass the one restored from a mid-epoch checkpoint so the
             epoch means cover the batches trained before the resume too); a fresh one when None.
+        lr_group: the param group whose lr is logged as 'lr' (tqdm, epoch means); None: ``lead_lr_group``
+            (largest base lr). Every group's lr also goes to TensorBoard as ``lr/group{i}``.
 
     Returns:
         Epoch means over all processes: 'loss', weighted loss terms, '<term>_unscaled', 'class_error',
@@ -158,6 +178,9 @@ def train_one_epoch(
     tracker = MetricTracker() if tracker is None else tracker
     n_iters = len(data_loader) if max_iters is None else min(len(data_loader), max_iters)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    lr_group = lead_lr_group(optimizer) if lr_group is None else lr_group
+    if not 0 <= lr_group < len(optimizer.param_groups):
+        raise ValueError(f"lr_group {lr_group} is not one of the optimizer's {len(optimizer.param_groups)} groups")
     bar = tqdm(
         total=n_iters,
         initial=start_iteration,
@@ -211,7 +234,7 @@ def train_one_epoch(
 
         grad_norm = optimizer_step(losses, optimizer, scaler, max_norm, params).item()
 
-        lr = optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[lr_group]["lr"]
         iter_time = time.perf_counter() - tic
         batch = len(targets)
         tracker.update(n=batch, loss=loss_value, **terms)
@@ -226,6 +249,8 @@ def train_one_epoch(
             scalars = {"loss": loss_value, **{k: v for k, v in terms.items() if k in weight_dict}}
             scalars.update(lr=lr, grad_norm=grad_norm, iter_time=iter_time, data_time=data_time)
             logger.scalars(scalars, step=epoch * n_iters + i, prefix="train/")
+            group_lrs = {f"group{g}": group["lr"] for g, group in enumerate(optimizer.param_groups)}
+            logger.scalars(group_lrs, step=epoch * n_iters + i, prefix="lr/")
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update()
         heartbeat.step(i + 1, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")

@@ -338,7 +338,7 @@ def _train(args, ctx: RunContext, record: argparse.Namespace, model, criterion, 
     """The epoch loop: train, checkpoint, evaluate, log; ``record`` is what checkpoints store as the run's flags."""
     device = ctx.device
     from datasets import skipped_samples
-    from engine import train_one_epoch
+    from engine import lead_lr_group, train_one_epoch
 
     is_main = dist_utils.is_main_process()
     output_dir = Path(args.output_dir) if args.output_dir else None
@@ -351,6 +351,7 @@ def _train(args, ctx: RunContext, record: argparse.Namespace, model, criterion, 
                 save_checkpoint(ckpt, path)
 
     log.info("start training: epochs %d..%d, %d iterations each", state.start_epoch, args.epochs - 1, n_iters)
+    lr_group = lead_lr_group(state.optimizer, args.lr)  # the logged 'lr' (RT-DETRv2's group 0 is the backbone)
     test_stats: dict[str, Any] = {}
     preemption = PreemptionHandler().install()
     try:
@@ -378,7 +379,7 @@ def _train(args, ctx: RunContext, record: argparse.Namespace, model, criterion, 
                 model, criterion, loader_train, state.optimizer, device, epoch, args.clip_max_norm,
                 logger=logger, max_iters=args.max_iters_per_epoch, progress=not args.no_progress, amp=args.amp,
                 scaler=state.scaler, skip_nonfinite=args.skip_nonfinite, start_iteration=skip, on_step=on_step,
-                tracker=tracker,
+                tracker=tracker, lr_group=lr_group,
             )  # fmt: skip
             if preemption.requested:
                 how = resume_command(ctx.argv, "python main.py") if output_dir else None

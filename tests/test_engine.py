@@ -10,7 +10,7 @@ import torch
 from pycocotools.coco import COCO
 
 import models
-from engine import NonFiniteLossError, evaluate, train_one_epoch
+from engine import NonFiniteLossError, evaluate, lead_lr_group, train_one_epoch
 from util.misc import nested_tensor_from_tensor_list
 
 
@@ -86,9 +86,10 @@ def test_one_iteration_logs_the_loss_and_grad_norm_it_used(tiny):
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     step = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(after, before)]))
     assert step.item() == pytest.approx(0.01, rel=1e-3)
-    ((values, step_index, prefix),) = logger.calls
+    ((values, step_index, prefix), (group_lrs, group_step, group_prefix)) = logger.calls
     assert prefix == "train/" and step_index == 3  # epoch 3 x 1 iteration + 0
     assert {"loss", "loss_ce", "lr", "grad_norm", "iter_time", "data_time"} <= set(values)
+    assert (group_lrs, group_step, group_prefix) == ({"group0": 1.0}, 3, "lr/")
 
 
 def test_max_iters_caps_the_epoch_and_the_loss_falls(tiny):
@@ -209,3 +210,61 @@ def test_evaluate_scores_perfect_predictions_as_ap_one(tiny, capsys):
     assert stats["coco_eval_bbox"][8] == pytest.approx(1.0)  # AR@100
     assert len(evaluator.results_json("bbox")) == 4 * 5
     assert "IoU metric: bbox" in capsys.readouterr().out
+
+
+def _two_lr_groups(model, head_lr: float, rest_lr: float) -> torch.optim.SGD:
+    """Group 0: the class head at ``head_lr`` (first, as RT-DETRv2's backbone group is); group 1: the rest."""
+    head = {id(p) for p in model.class_embed.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD([{"params": [p for p in trainable if id(p) in head], "lr": head_lr},
+                            {"params": [p for p in trainable if id(p) not in head], "lr": rest_lr}])  # fmt: skip
+
+
+def test_the_logged_lr_is_the_lead_group_and_tensorboard_gets_every_group(tiny):
+    model, criterion, _ = tiny
+    optimizer = _two_lr_groups(model, 1e-5, 1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)  # records initial_lr 1e-5, 1e-3
+    optimizer.step(), scheduler.step()  # the lrs now: 5e-6, 5e-4
+    logger = _RecordingLogger()
+    stats = train_one_epoch(model, criterion, _batches(2), optimizer, torch.device("cpu"), epoch=0, logger=logger,
+                            progress=False)  # fmt: skip
+    assert stats["lr"] == pytest.approx(5e-4)  # the largest base lr, not group 0's
+    assert [c for c in logger.calls if c[2] == "lr/"] == [({"group0": 5e-6, "group1": 5e-4}, i, "lr/") for i in (0, 1)]
+    assert [c[0]["lr"] for c in logger.calls if c[2] == "train/"] == pytest.approx([5e-4, 5e-4])
+    stats = train_one_epoch(model, criterion, _batches(1), optimizer, torch.device("cpu"), epoch=1, progress=False,
+                            lr_group=0)  # fmt: skip
+    assert stats["lr"] == pytest.approx(5e-6)
+    with pytest.raises(ValueError, match="lr_group 2 is not one of the optimizer's 2 groups"):
+        train_one_epoch(model, criterion, _batches(1), optimizer, torch.device("cpu"), epoch=1, lr_group=2)
+
+
+def test_lead_lr_group_matches_the_flag_on_the_base_lr():
+    def optimizer(*lrs: float, initial: tuple[float, ...] = ()) -> torch.optim.SGD:
+        groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in lrs]
+        for group, base in zip(groups, initial):
+            group["initial_lr"] = base
+        return torch.optim.SGD(groups)
+
+    assert lead_lr_group(optimizer(1e-5, 1e-4, 1e-4), 1e-4) == 1  # RT-DETRv2-like: backbone group first
+    assert lead_lr_group(optimizer(2e-4, 2e-5, 2e-5), 2e-4) == 0  # Deformable DETR: --lr group first
+    assert lead_lr_group(optimizer(1e-4, 3e-4), 1e-4) == 0  # a backbone faster than the rest still follows --lr
+    assert lead_lr_group(optimizer(1e-4, 3e-4), 5e-4) == 1  # no match: the largest
+    assert lead_lr_group(optimizer(1e-4, 3e-4)) == 1
+    # Under a warm-up or after a drop the current lr differs: the scheduler's initial_lr decides.
+    assert lead_lr_group(optimizer(1e-7, 1e-6, initial=(1e-5, 1e-4)), 1e-4) == 1
+
+
+def test_lead_lr_group_of_the_rtdetrv2_recipe_is_a_non_backbone_group():
+    from helpers import FAMILY_FLAGS, TINY_FLAGS
+
+    import main as main_module
+    from run.recipe import build_optimizer
+
+    args = main_module.parse_args([*TINY_FLAGS, *FAMILY_FLAGS["rtdetrv2"], "--lr", "3e-4", "--lr_backbone", "2e-5"])
+    model = models.build_model(args, 5)[0]
+    optimizer = build_optimizer(model, args)
+    index = lead_lr_group(optimizer, args.lr)
+    backbone = {id(p) for p in model.backbone.parameters()}
+    assert index > 0 and optimizer.param_groups[0]["lr"] == 2e-5  # group 0 is the backbone's
+    assert optimizer.param_groups[index]["lr"] == 3e-4
+    assert not any(id(p) in backbone for p in optimizer.param_groups[index]["params"])
