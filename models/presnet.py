@@ -34,6 +34,9 @@ def _frozen_bn(channels: int) -> nn.Module:
 class ConvNormLayer(nn.Module):
     """Conv (no bias, 'same' padding for odd kernels) + norm + optional activation (keys ``conv.*``, ``norm.*``).
 
+    The backbone passes ``nn.ReLU(inplace=True)``: neither norm's backward reads its output, so the activation
+    may overwrite it.
+
     Args:
         ch_in, ch_out: channels.
         kernel_size, stride: of the convolution; padding (k - 1) // 2.
@@ -80,13 +83,14 @@ class BasicBlock(nn.Module):
         if project:
             self.short = _shortcut(ch_in, width, stride, norm_layer)
         self.project = project
-        self.branch2a = ConvNormLayer(ch_in, width, 3, stride, act=nn.ReLU(), norm_layer=norm_layer)
+        self.branch2a = ConvNormLayer(ch_in, width, 3, stride, act=nn.ReLU(inplace=True), norm_layer=norm_layer)
         self.branch2b = ConvNormLayer(width, width, 3, 1, norm_layer=norm_layer)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C_in, H, W] -> [B, width, H / stride, W / stride]."""
         out = self.branch2b(self.branch2a(x))
-        return F.relu(out + (self.short(x) if self.project else x))
+        # In place: the sum is a fresh tensor and addition's backward does not read it.
+        return F.relu_(out + (self.short(x) if self.project else x))
 
 
 class BottleNeck(nn.Module):
@@ -96,8 +100,8 @@ class BottleNeck(nn.Module):
 
     def __init__(self, ch_in: int, width: int, stride: int, project: bool, norm_layer: NormLayer):
         super().__init__()
-        self.branch2a = ConvNormLayer(ch_in, width, 1, 1, act=nn.ReLU(), norm_layer=norm_layer)
-        self.branch2b = ConvNormLayer(width, width, 3, stride, act=nn.ReLU(), norm_layer=norm_layer)
+        self.branch2a = ConvNormLayer(ch_in, width, 1, 1, act=nn.ReLU(inplace=True), norm_layer=norm_layer)
+        self.branch2b = ConvNormLayer(width, width, 3, stride, act=nn.ReLU(inplace=True), norm_layer=norm_layer)
         self.branch2c = ConvNormLayer(width, width * self.expansion, 1, 1, norm_layer=norm_layer)
         if project:
             self.short = _shortcut(ch_in, width * self.expansion, stride, norm_layer)
@@ -106,7 +110,7 @@ class BottleNeck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[B, C_in, H, W] -> [B, 4 width, H / stride, W / stride]."""
         out = self.branch2c(self.branch2b(self.branch2a(x)))
-        return F.relu(out + (self.short(x) if self.project else x))
+        return F.relu_(out + (self.short(x) if self.project else x))
 
 
 class Blocks(nn.Module):
@@ -148,7 +152,7 @@ class PResNet(nn.Module):
         stem = [("conv1_1", 3, 32, 2), ("conv1_2", 32, 32, 1), ("conv1_3", 32, 64, 1)]
         self.conv1 = nn.Sequential(
             OrderedDict(
-                (name, ConvNormLayer(cin, cout, 3, s, act=nn.ReLU(), norm_layer=norm_layer))
+                (name, ConvNormLayer(cin, cout, 3, s, act=nn.ReLU(inplace=True), norm_layer=norm_layer))
                 for name, cin, cout, s in stem
             )
         )

@@ -228,7 +228,12 @@ class RTDETRTransformerv2(nn.Module):
         return generate_anchors(shapes, device=device)
 
     def _select_queries(self, memory: Tensor, shapes: list[tuple[int, int]]):
-        """Encoder heads on every token, then the top-K tokens by their best class logit (descending).
+        """Encoder score head on every token, the top-K tokens by their best class logit (descending), and the
+        encoder box head on those K only.
+
+        The published code runs the box head on all S tokens and gathers K of them; a per-token MLP commutes
+        with the gather (same values, and the gradient only ever reached the gathered rows), at K / S of the
+        cost (300 of 8400 tokens at 640 x 640).
 
         Returns: content [B, K, C] (detached), reference logits [B, K, 4] (detached), and the gathered encoder
         logits [B, K, num_classes] and boxes [B, K, 4] (with gradient, for the encoder loss).
@@ -237,7 +242,6 @@ class RTDETRTransformerv2(nn.Module):
         memory = valid.to(memory.dtype) * memory
         out_memory = self.enc_output(memory)
         logits = self.enc_score_head(out_memory)
-        coords = self.enc_bbox_head(out_memory) + anchors
         if memory.shape[1] < self.num_queries:
             raise ValueError(
                 f"RT-DETRv2: the input gives {memory.shape[1]} encoder tokens, fewer than num_queries "
@@ -246,9 +250,11 @@ class RTDETRTransformerv2(nn.Module):
         index = logits.max(-1).values.topk(self.num_queries, dim=1).indices  # [B, K]
 
         def gather(x: Tensor) -> Tensor:
+            x = x.expand(index.shape[0], -1, -1)
             return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
-        topk_coords, topk_logits, topk_memory = gather(coords), gather(logits), gather(out_memory)
+        topk_logits, topk_memory = gather(logits), gather(out_memory)
+        topk_coords = self.enc_bbox_head(topk_memory) + gather(anchors)
         return topk_memory.detach(), topk_coords.detach(), topk_logits, topk_coords.sigmoid()
 
     def forward(self, feats: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None) -> dict:

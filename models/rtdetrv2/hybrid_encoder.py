@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.deploy import fold_conv_norm
 from models.presnet import ConvNormLayer
 
 __all__ = ["AIFILayer", "CSPRepLayer", "HybridEncoder", "RepVggBlock", "sincos_2d_position_embedding"]
@@ -78,15 +79,42 @@ class _AIFIEncoder(nn.Module):
 
 
 class RepVggBlock(nn.Module):
-    """SiLU(3x3 conv + BN  +  1x1 conv + BN) (RepVGG's training-time form; keys ``conv1``, ``conv2``)."""
+    """SiLU(3x3 conv + BN  +  1x1 conv + BN) (RepVGG's training-time form; keys ``conv1``, ``conv2``).
+
+    ``fuse_for_inference()`` turns it into SiLU(one biased 3x3 conv) (RepVGG's structural re-parameterisation,
+    Ding et al. 2021, section 3.3), for inference copies only (models.deploy).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv1 = ConvNormLayer(channels, channels, 3, 1)
         self.conv2 = ConvNormLayer(channels, channels, 1, 1)
+        self.fused: nn.Conv2d | None = None
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> None:
+        """Replace both branches by one 3x3 conv (eval-mode BN statistics; removes ``conv1``/``conv2``).
+
+        Both branches are linear in x after folding their norms: W3 * x + b3 and W1 * x + b1. A 1x1 kernel is the
+        3x3 kernel that is zero except at its centre, and with padding 1 vs 0 both read the same input pixel
+        there, so the sum is one 3x3 conv with weight W3 + pad(W1) and bias b3 + b1.
+        """
+        if self.fused is not None:
+            return
+        weight3, bias3 = fold_conv_norm(self.conv1.conv, self.conv1.norm)
+        weight1, bias1 = fold_conv_norm(self.conv2.conv, self.conv2.norm)
+        conv = self.conv1.conv
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, padding=1, bias=True)
+        fused.to(device=weight3.device, dtype=weight3.dtype)
+        fused.weight.copy_(weight3 + F.pad(weight1, [1, 1, 1, 1]))
+        fused.bias.copy_(bias3 + bias1)
+        del self.conv1, self.conv2
+        self.fused = fused
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, C, H, W]."""
+        if self.fused is not None:
+            return F.silu(self.fused(x))
         return F.silu(self.conv1(x) + self.conv2(x))
 
 
