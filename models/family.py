@@ -44,6 +44,9 @@ class Family:
             (named in the error of ``pretrained=True`` without a local ``checkpoint``).
         refused_flags: flags of other families this one refuses with its own reason (flag destination -> the
             rest of the one-line error, e.g. "DINO is always two-stage; drop --two_stage").
+        head_prefixes: name prefixes of the dataset-specific tensors (class heads, label embeddings, query
+            embeddings): every tensor whose shape depends on the class or query count, and only those. Fine-tuning
+            (``run.finetune``) lets exactly these differ in shape from the checkpoint and re-initialises them.
         keep_initial_heads: fine-tuning keeps the freshly built values of re-initialised heads instead of
             ``reset_parameters`` (their initialisation is special, e.g. the focal-loss prior of sigmoid heads).
         contiguous_labels: ``(settings) -> bool``; True: the classifier's labels are the indices 0..K-1 of the
@@ -68,6 +71,7 @@ class Family:
     hub_recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     weights_source: str = ""
     refused_flags: Mapping[str, str] = field(default_factory=dict)
+    head_prefixes: tuple[str, ...] = ()
     keep_initial_heads: bool = False
     contiguous_labels: Callable[[Any], bool] | None = None
     data_transforms: Callable[[str, Any, Any], Callable] | None = None

@@ -1,8 +1,8 @@
 """Fine-tuning start: load a checkpoint into a model whose heads differ (num_classes, num_queries).
 
-Every checkpoint tensor whose name and shape match is copied; tensors whose shape differs are allowed
-only in the heads that depend on the dataset or the query count, and get their module's own
-initialisation (``reset_parameters``), or keep the freshly built model's values (``keep_initial``: the
+Every checkpoint tensor whose name and shape match is copied; tensors whose shape differs are allowed only in
+the heads that depend on the dataset or the query count (the family's ``head_prefixes``), and get their module's
+own initialisation (``reset_parameters``), or keep the freshly built model's values (``keep_initial``: the
 Deformable DETR / DINO class heads start at the focal-loss prior, which ``reset_parameters`` would lose).
 Anything else that does not fit means the checkpoint comes from another architecture, which is an error
 rather than a silent partial load.
@@ -15,18 +15,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from models import FAMILIES, family_of_state_dict
 from run.checkpoint import inference_weights, load_checkpoint
-
-#: Name prefixes of tensors that may change shape between the checkpoint and the fine-tuned model:
-#: the class heads (DETR's num_classes + 1 outputs; the per-layer heads ``class_embed.{l}`` of Deformable DETR and
-#: DINO, also listed inside the decoder by two-stage / DINO models; DINO's encoder head and denoising label
-#: embedding) and the query embeddings (num_queries rows); RT-DETRv2's encoder and per-layer score heads and its
-#: denoising class embedding.
-HEAD_PREFIXES: tuple[str, ...] = (
-    "class_embed.", "query_embed.", "transformer.decoder.class_embed.", "transformer.enc_out_class_embed.",
-    "label_enc.", "transformer.tgt_embed.", "decoder.enc_score_head.", "decoder.dec_score_head.",
-    "decoder.denoising_class_embed.",
-)  # fmt: skip
 
 # A segmentation model (DETRsegm) wraps the detector under "detr."; these belong to its mask head only.
 _SEGM_PREFIX = "detr."
@@ -45,7 +35,7 @@ class FinetuneError(ValueError):
 def load_for_finetuning(
     model: nn.Module,
     path_or_url: str,
-    reinit_prefixes: Sequence[str] = HEAD_PREFIXES,
+    reinit_prefixes: Sequence[str] | None = None,
     verbose: bool = True,
     keep_initial: bool = False,
     purpose: str = "fine-tuning from",
@@ -58,7 +48,8 @@ def load_for_finetuning(
             state dict, or a bare state dict. A detection checkpoint loads into a segmentation model (its
             keys gain the "detr." prefix) and a segmentation checkpoint into a detector (its mask head is
             skipped, with a message).
-        reinit_prefixes: tensors allowed to differ in shape (after an optional "detr." prefix).
+        reinit_prefixes: tensors allowed to differ in shape (after an optional "detr." prefix); None: the
+            ``head_prefixes`` of the family whose ``owns_state_dict`` claims the model's state dict.
         verbose: print one summary line and one line per tensor that was not loaded.
         keep_initial: mismatched tensors keep the model's current (freshly built) values instead of being reset
             with ``reset_parameters``. Tensors a model lists under several names stay shared either way.
@@ -69,11 +60,14 @@ def load_for_finetuning(
         re-initialised because their shape differs, and those the checkpoint does not have.
 
     Raises:
-        FinetuneError: the checkpoint has tensors the model lacks, or a shape differs outside the heads.
+        FinetuneError: the checkpoint has tensors the model lacks, or a shape differs outside the heads, or
+            ``reinit_prefixes`` is None and no family claims the model.
     """
     checkpoint = load_checkpoint(path_or_url, hint="check the --finetune path")
     state = _model_state(checkpoint, path_or_url)
     model_state = model.state_dict()
+    if reinit_prefixes is None:
+        reinit_prefixes = _family_heads(model_state)
     state, skipped = _align_prefixes(state, model_state)
 
     unexpected = [k for k in state if k not in model_state]
@@ -102,6 +96,14 @@ def load_for_finetuning(
     if verbose:
         _report(path_or_url, state, model_state, not_loaded, mismatched, skipped, purpose)
     return not_loaded
+
+
+def _family_heads(model_state: Mapping[str, Tensor]) -> tuple[str, ...]:
+    """The ``head_prefixes`` of the family that owns ``model_state``."""
+    try:
+        return FAMILIES[family_of_state_dict(model_state)].head_prefixes
+    except ValueError as error:
+        raise FinetuneError(f"cannot tell the model's dataset-specific heads ({error}); pass reinit_prefixes") from None
 
 
 def _model_state(checkpoint: Mapping, source: str) -> dict[str, Tensor]:

@@ -47,5 +47,7 @@ FAMILY = Family(
         "deformable_detr_resnet50_refine": {"with_box_refine": True},  # 46.2
         "deformable_detr_resnet50_two_stage": {"with_box_refine": True, "two_stage": True},  # 46.9
     },
+    # Per-layer class heads (also listed inside the decoder when two-stage) and the query embeddings.
+    head_prefixes=("class_embed.", "query_embed.", "transformer.decoder.class_embed."),
     keep_initial_heads=True,  # re-initialised class heads keep the focal-loss prior (bias -4.6)
 )

@@ -40,4 +40,6 @@ FAMILY = Family(
         "detr_resnet50_dc5_panoptic": _hub_recipe("resnet50", True, True),
         "detr_resnet101_panoptic": _hub_recipe("resnet101", False, True),
     },
+    # The class head (num_classes + 1 outputs) and the query embeddings; under "detr." in a DETRsegm model.
+    head_prefixes=("class_embed.", "query_embed."),
 )

@@ -52,5 +52,14 @@ FAMILY = Family(
         "two_stage": "a Deformable DETR flag: DINO is always two-stage; drop --two_stage",
         "with_box_refine": "a Deformable DETR flag: DINO always refines boxes layer by layer; drop --with_box_refine",
     },
+    # Per-layer class heads (also inside the decoder), the encoder head, the denoising label book and the
+    # learned query contents.
+    head_prefixes=(
+        "class_embed.",
+        "transformer.decoder.class_embed.",
+        "transformer.enc_out_class_embed.",
+        "label_enc.",
+        "transformer.tgt_embed.",
+    ),
     keep_initial_heads=True,  # re-initialised class heads keep the focal-loss prior (bias -4.6)
 )

@@ -120,6 +120,8 @@ FAMILY = Family(
         "position_embedding": f"a DETR flag: {_NOT_BUILT} choice of position encoding (2-D sincos); drop "
         "--position_embedding",
     },
+    # The encoder and per-layer score heads and the denoising class embedding (queries are selected, not learned).
+    head_prefixes=("decoder.enc_score_head.", "decoder.dec_score_head.", "decoder.denoising_class_embed."),
     keep_initial_heads=True,  # re-initialised score heads keep the focal prior (bias -log(99))
     contiguous_labels=contiguous_labels,
     data_transforms=data_transforms,
