@@ -27,13 +27,15 @@ from run.checkpoint import (
 )
 from run.ema import ModelEMA
 from run.lr_warmup import LinearWarmup
+from run.recipe import build_lr_scheduler
 from run.rng_state import capture_rng_state, restore_rng_state
 from util import distributed as dist_utils
 from util.logging import MetricTracker
 
 log = logging.getLogger("detr")
-# Flags whose values a resumed optimizer/scheduler silently replaces.
-SCHEDULE_FLAGS = ("lr", "lr_backbone", "weight_decay", "lr_drop")
+# Flags whose values a resumed optimizer/scheduler/warm-up silently replaces.
+SCHEDULE_FLAGS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "norm_weight_decay", "bias_weight_decay",
+                  "lr_drop", "lr_drop_epochs", "warmup_iters")  # fmt: skip
 # Flags that change what the model computes without changing its state-dict keys: a checkpoint loads strictly
 # under either value, so a mismatch would silently change the outputs. Values for checkpoints that predate them.
 BEHAVIOUR_FLAGS = {"dilation": False, "spatial_prior": "none", "box_refine": False}
@@ -93,12 +95,17 @@ class TrainState:
 
     def restore(self, ckpt: dict[str, Any], args: argparse.Namespace) -> tuple[int, int]:
         """Load optimizer, scheduler, scaler and RNG states of a training checkpoint; (start epoch, iteration)."""
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        # This run's flags built the groups: their (base lr, weight decay) before loading are the new schedule's.
+        built = [(float(g.get("initial_lr", g["lr"])), float(g["weight_decay"])) for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:
+            raise CheckpointError(_group_mismatch(ckpt["optimizer"], self.optimizer, e)) from None
         self.run_id = str(ckpt.get("run_id") or self.run_id)
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         if self.warmup is not None and "lr_warmup" in ckpt:
             self.warmup.load_state_dict(ckpt["lr_warmup"])
-        _reconcile_schedule(args, ckpt, self.optimizer, self.lr_scheduler)
+        _reconcile_schedule(args, ckpt, self.optimizer, self.lr_scheduler, built, self.warmup)
         if "scaler" in ckpt and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         states = ckpt.get("rng_state")
@@ -256,22 +263,62 @@ def _warn_behaviour_mismatch(args: argparse.Namespace, ckpt: dict, source: str) 
                     "checkpoint's values (e.g. its --config)", source, diffs)  # fmt: skip
 
 
-def _reconcile_schedule(args: argparse.Namespace, ckpt: dict, optimizer, lr_scheduler) -> None:
-    """A resumed optimizer/scheduler carries the checkpoint's lr and lr_drop: say so, or keep the new ones."""
+def _group_mismatch(saved: dict, optimizer: torch.optim.Optimizer, error: Exception) -> str:
+    """One line on why the checkpoint's optimizer state does not fit the groups this run's flags built."""
+    sizes = [len(g.get("params", ())) for g in saved.get("param_groups", [])]
+    here = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes == here:
+        return f"the checkpoint's optimizer state does not fit this run's optimizer ({str(error).strip()[:200]})"
+    return (
+        f"the checkpoint's optimizer has {len(sizes)} parameter groups of {sizes} parameters, this run's flags build "
+        f"{len(here)} of {here} (groups follow --lr/--lr_backbone/--*weight_decay/--lr_backbone_names: e.g. an "
+        "equal --lr and --lr_backbone merge RT-DETRv2's groups); resume with the checkpoint's values of those flags"
+    )
+
+
+def _scheduled_lrs(args: argparse.Namespace, base_lrs: list[float], last_epoch: int):
+    """(scheduler, lrs): this run's epoch scheduler (run.recipe.build_lr_scheduler) over groups at ``base_lrs``,
+    stepped to ``last_epoch`` on a stand-in optimizer; whatever its kind, the lrs follow its own rule."""
+    stand_in = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in base_lrs])
+    scheduler = build_lr_scheduler(stand_in, args)
+    stand_in.step()  # no gradients: changes nothing, but the scheduler expects an optimizer step before its own
+    for _ in range(max(last_epoch, 0)):
+        scheduler.step()
+    return scheduler, [float(lr) for lr in scheduler.get_last_lr()]
+
+
+def _reconcile_schedule(
+    args: argparse.Namespace,
+    ckpt: dict,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    built: list[tuple[float, float]],
+    warmup: LinearWarmup | None = None,
+) -> None:
+    """A resumed optimizer/scheduler/warm-up carries the checkpoint's schedule: say so, or keep the new one.
+
+    Args:
+        built: (base lr, weight decay) of every param group as this run's flags built them (``build_optimizer``,
+            any family's grouping) before the checkpoint's state was loaded: the new schedule's base values.
+        warmup: this run's warm-up (restored from the checkpoint), re-based on the new lrs.
+
+    With ``--keep_new_schedule`` every group continues at its new base lr and weight decay, at the scheduler's
+    position (epochs it has stepped) and the warm-up's (steps done), with the new lr drops and warm-up length.
+    """
     old = _checkpoint_args(ckpt)
-    changed = [k for k in SCHEDULE_FLAGS if k in old and old[k] != vars(args)[k]]
+    changed = [k for k in SCHEDULE_FLAGS if k in old and k in vars(args) and old[k] != vars(args)[k]]
     if not changed:
         return
     if not args.keep_new_schedule:
         diffs = ", ".join(f"{k}={old[k]} (command line {vars(args)[k]})" for k in changed)
         log.warning("warning: resume keeps the checkpoint's %s; pass --keep_new_schedule to use the new values", diffs)
         return
-    lr_scheduler.step_size = args.lr_drop
-    lr_scheduler.base_lrs = [args.lr, args.lr_backbone, args.lr * args.lr_linear_proj_mult][
-        : len(optimizer.param_groups)
-    ]
-    decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
-    for group, base_lr in zip(optimizer.param_groups, lr_scheduler.base_lrs):
-        group["initial_lr"], group["lr"], group["weight_decay"] = base_lr, base_lr * decay, args.weight_decay
-    lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    base_lrs = [lr for lr, _ in built]
+    fresh, lrs = _scheduled_lrs(args, base_lrs, lr_scheduler.last_epoch)
+    lr_scheduler.load_state_dict(fresh.state_dict())  # new drops (StepLR / MultiStepLR) and base lrs, same position
+    for group, (base_lr, weight_decay), lr in zip(optimizer.param_groups, built, lrs):
+        group["initial_lr"], group["lr"], group["weight_decay"] = base_lr, lr, weight_decay
+    if warmup is not None:  # still warming up: base x its factor at the steps done (new length); else untouched
+        warmup.load_state_dict({"warmup_iters": args.warmup_iters, "step_count": warmup.step_count,
+                                "base_lrs": base_lrs})  # fmt: skip
     log.info("--keep_new_schedule: using %s from the command line", ", ".join(changed))
