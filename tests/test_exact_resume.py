@@ -102,3 +102,5 @@ def test_resume_with_evaluation_every_epoch_is_bit_identical(family, tmp_path):
     assert [len(lines) for lines in logged] == [3, 3]
     for key in ("train_loss", "test_loss"):
         assert [line[key] for line in logged[1]] == [line[key] for line in logged[0]], key
+    # The logged lr is --lr's group (RT-DETRv2's group 0 is the backbone at --lr_backbone 1e-4), dropped per epoch.
+    assert [line["train_lr"] for line in logged[1]] == pytest.approx([1e-3, 1e-4, 1e-5], rel=1e-9)
