@@ -31,7 +31,8 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
             norm_weight_decay=args.norm_weight_decay, bias_weight_decay=args.bias_weight_decay,
             backbone_prefix=args.lr_backbone_names,
         )  # fmt: skip
-        return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+        on_cpu_or_cuda = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=on_cpu_or_cuda or None)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def matches(name: str, keywords: list[str]) -> bool:

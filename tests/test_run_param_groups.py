@@ -212,3 +212,25 @@ def test_recipe_groups_equal_published_regexes(name):
                 break
         expected[param_name] = (values[setting[0]], values.get(setting[1], setting[1]))
     assert _setting_by_name(model, _recipe_groups(cfg, model)) == expected
+
+
+def test_recipe_optimizer_is_fused_adamw_over_the_role_groups():
+    """build_optimizer under the recipes' norm weight decay: AdamW (the fused kernel on CPU) over exactly the role
+    groups, with their lr / weight decay."""
+    from helpers import parse_tiny_args
+
+    from run.recipe import build_optimizer
+
+    args = parse_tiny_args("--model", "rtdetrv2", "--lr", "3e-4", "--lr_backbone", "3e-5")
+    model = nn.Sequential()
+    model.add_module("backbone", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    model.add_module("decoder", nn.Linear(4, 2))
+    optimizer = build_optimizer(model, args)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    wd, norm_wd = args.weight_decay, args.norm_weight_decay
+    expected = {
+        "backbone.0.weight": (3e-5, wd), "backbone.0.bias": (3e-5, wd), "backbone.1.weight": (3e-5, norm_wd),
+        "backbone.1.bias": (3e-5, norm_wd), "decoder.weight": (3e-4, wd), "decoder.bias": (3e-4, wd),
+    }  # fmt: skip
+    assert {n: by_param[id(p)] for n, p in model.named_parameters()} == expected
