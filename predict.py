@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes
 from tqdm import tqdm
 
+from models.deploy import prepare_for_inference
 from run.checkpoint import CheckpointError
 from run.model_loading import input_transform, labels_are_indices, load_model
 from util.class_names import category_ids, class_name, resolve_class_names
@@ -231,6 +232,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     """
     images = find_images(args.inputs)
     model, postprocessors, model_args, checkpoint = load_model(args.checkpoint, device=args.device)
+    # Detections come from the inference copy (folded norms, fused blocks, channels_last); attention maps hook
+    # the modules of the model as trained.
+    inference_model = prepare_for_inference(model)
     names = resolve_class_names(checkpoint, model_args.num_classes, args.categories)
     # Labels that are indices of the dataset's categories are all categories (reported as their ids).
     class_ids = None if labels_are_indices(model_args) else category_ids(checkpoint, model_args.num_classes,
@@ -245,8 +249,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         paths = images[start : start + args.batch_size]
         pil_images = [open_rgb(p) for p in paths]
         batch = predict_batch(
-            model, postprocessors["bbox"], pil_images, args.device, model_args.input_scale, class_ids=class_ids,
-            transform=transform,
+            inference_model, postprocessors["bbox"], pil_images, args.device, model_args.input_scale,
+            class_ids=class_ids, transform=transform,
         )  # fmt: skip
         for offset, (path, image, detections) in enumerate(zip(paths, pil_images, batch)):
             keep = detections["scores"] > args.threshold

@@ -1,8 +1,13 @@
-"""Export a trained DETR to ONNX (fixed or dynamic image sizes) and check it against PyTorch with onnxruntime.
+"""Export a trained detector (any family) to ONNX (fixed or dynamic image sizes) and check it against PyTorch with
+onnxruntime.
 
 Examples:
-    python tools/export_onnx.py --checkpoint outputs/checkpoint.pth --output detr.onnx --height 800 --width 1066
-    python tools/export_onnx.py --checkpoint outputs/checkpoint.pth --output detr.onnx --dynamic --with_mask --check
+    python tools/export_onnx.py --checkpoint outputs/checkpoint.pth --output model.onnx --height 800 --width 1066
+    python tools/export_onnx.py --checkpoint outputs/checkpoint.pth --output model.onnx --dynamic --with_mask --check
+
+The graph is traced from the inference copy of ``models.deploy.prepare_for_inference`` (batch norms folded into
+their convolutions, RT-DETR's RepVGG branches merged, as the published export's ``deploy()``); ``--check`` compares
+it with the unprepared model.
 
 The ONNX graph takes ``images`` [B, 3, H, W] (normalised with the ImageNet mean/std, as predict.py does) and,
 with ``--with_mask``, ``mask`` [B, H, W] bool (True on padding, for batches of different sizes); it returns
@@ -34,6 +39,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.deploy import prepare_for_inference  # noqa: E402
 from util.misc import NestedTensor  # noqa: E402
 
 INPUT_NAMES = ("images", "mask")
@@ -82,6 +88,7 @@ def export_onnx(
     with_mask: bool = False,
     opset: int | None = None,
     exporter: str = "torchscript",
+    prepare: bool = True,
 ) -> Path:
     """Write ``model`` as ONNX.
 
@@ -94,6 +101,8 @@ def export_onnx(
         opset: ONNX opset; default 17 for 'torchscript' (>= 14 for scaled_dot_product_attention), 18 for 'dynamo'
             (its minimum: at 17 it writes Split nodes that are invalid there).
         exporter: 'torchscript' (default, no extra dependency) or 'dynamo' (needs onnxscript).
+        prepare: trace ``prepare_for_inference(model)`` (folded norms, fused blocks; contiguous weights, ONNX has no
+            memory format) instead of the model itself; ``model`` is not modified either way.
 
     Returns:
         The written path.
@@ -115,6 +124,8 @@ def export_onnx(
 
     check_fixed_size(model, height, width)
     fixed = fixed_input_size(model) is not None  # per-size buffers in the graph: only the batch is symbolic
+    if prepare:
+        model = prepare_for_inference(model, channels_last=False)
     wrapper = ExportableDETR(model).eval()
     device = next(model.parameters()).device
     images = torch.randn(batch_size, 3, height, width, device=device)
@@ -206,9 +217,9 @@ def compare_with_onnxruntime(
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Command-line flags of this tool."""
-    parser = argparse.ArgumentParser("Export DETR to ONNX")
+    parser = argparse.ArgumentParser("Export a detector to ONNX")
     parser.add_argument("--checkpoint", required=True, help="trained checkpoint: path or https URL")
-    parser.add_argument("--output", default="detr.onnx")
+    parser.add_argument("--output", default="model.onnx")
     parser.add_argument("--height", type=int, default=None,
                         help="example/fixed height (default 800; fixed-size models: theirs)")  # fmt: skip
     parser.add_argument("--width", type=int, default=None,
