@@ -1,7 +1,8 @@
 """DETR encoder-decoder transformer (paper section 3.2), batch-first inside.
 
 Parameter names equal the published model's (``self_attn.in_proj_weight``, ``multihead_attn``, ``linear1``,
-``norm1`` ...), so published checkpoints load unchanged. Attention: ``models.attention.MultiheadAttention``.
+``norm1`` ...), so published checkpoints load unchanged. Attention: ``models.attention.MultiheadAttention``. The
+encoder layer is the shared ``models.transformer_layers.TransformerEncoderLayer`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import MultiheadAttention
+from ..transformer_layers import TransformerEncoderLayer
 from .spatial_prior import gaussian_attention_bias, token_centers
 
 if TYPE_CHECKING:
@@ -32,44 +34,6 @@ __all__ = [
 # [B, Q, 4] in [0, 1]. Typed Any rather than Callable because TorchScript cannot parse a Callable annotation; a
 # scripted model never receives one (the prior is eager / torch.export only, see ``DETR.__prepare_scriptable__``).
 BoxHead = Any
-
-
-class TransformerEncoderLayer(nn.Module):
-    """Self-attention + ReLU feed-forward block; post-norm (published default) or pre-norm."""
-
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        normalize_before: bool = False,
-        attention: str = "sdpa",
-    ):
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, kernel=attention)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-
-    def _feed_forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
-
-    def forward(self, src: Tensor, key_padding_mask: Tensor | None, pos: Tensor | None) -> Tensor:
-        """src, pos: [B, HW, D]; key_padding_mask: [B, HW] (True on padding) -> [B, HW, D]."""
-        if self.normalize_before:
-            x = self.norm1(src)
-            q = k = x if pos is None else x + pos
-            src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask)[0])
-            return src + self.dropout2(self._feed_forward(self.norm2(src)))
-        q = k = src if pos is None else src + pos
-        src = self.norm1(src + self.dropout1(self.self_attn(q, k, src, key_padding_mask)[0]))
-        return self.norm2(src + self.dropout2(self._feed_forward(src)))
 
 
 class TransformerDecoderLayer(nn.Module):

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from models.deploy import fold_conv_norm
 from models.presnet import ConvNormLayer
+from models.transformer_layers import TransformerEncoderLayer
 
-__all__ = ["AIFILayer", "CSPRepLayer", "HybridEncoder", "RepVggBlock", "sincos_2d_position_embedding"]
+__all__ = ["CSPRepLayer", "HybridEncoder", "RepVggBlock", "aifi_layer", "sincos_2d_position_embedding"]
 
 
 def sincos_2d_position_embedding(width: int, height: int, dim: int, temperature: float = 10000.0) -> Tensor:
@@ -41,40 +42,25 @@ def sincos_2d_position_embedding(width: int, height: int, dim: int, temperature:
     return torch.cat([out_a.sin(), out_a.cos(), out_b.sin(), out_b.cos()], dim=1)[None]
 
 
-class AIFILayer(nn.Module):
-    """Post-norm transformer encoder layer: q = k = src + pos, v = src; GELU feed-forward.
+def aifi_layer(d_model: int, nhead: int, dim_feedforward: int, dropout: float = 0.0) -> TransformerEncoderLayer:
+    """The AIFI layer: the shared post-norm encoder layer (q = k = src + pos, v = src) with a GELU feed-forward.
 
-    Keys ``self_attn`` (nn.MultiheadAttention), ``linear1``, ``linear2``, ``norm1``, ``norm2``.
+    Keys ``self_attn.in_proj_*``, ``self_attn.out_proj.*``, ``linear1``, ``linear2``, ``norm1``, ``norm2``.
     """
-
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float = 0.0):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, src: Tensor, pos: Tensor) -> Tensor:
-        """[B, N, C] tokens, [1, N, C] position table -> [B, N, C]."""
-        q = k = src + pos
-        src = self.norm1(src + self.dropout1(self.self_attn(q, k, value=src, need_weights=False)[0]))
-        return self.norm2(src + self.dropout2(self.linear2(self.dropout(F.gelu(self.linear1(src))))))
+    return TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation="gelu")
 
 
 class _AIFIEncoder(nn.Module):
     """Stack of AIFI layers (keys ``layers.{i}``; no final norm)."""
 
-    def __init__(self, layers: Sequence[AIFILayer]):
+    def __init__(self, layers: Sequence[TransformerEncoderLayer]):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
     def forward(self, src: Tensor, pos: Tensor) -> Tensor:
+        """[B, N, C] tokens (no padding), [1, N, C] position table -> [B, N, C]."""
         for layer in self.layers:
-            src = layer(src, pos)
+            src = layer(src, None, pos)
         return src
 
 
@@ -174,7 +160,7 @@ class HybridEncoder(nn.Module):
             )
             for c in in_channels
         )
-        layers = [AIFILayer(hidden_dim, nhead, dim_feedforward, dropout) for _ in range(num_layers)]
+        layers = [aifi_layer(hidden_dim, nhead, dim_feedforward, dropout) for _ in range(num_layers)]
         # One encoder, for level 2 (the published use_encoder_idx [2]); hence the name pos_embed2.
         self.encoder = nn.ModuleList([_AIFIEncoder(layers)])
         self.lateral_convs = nn.ModuleList(ConvNormLayer(hidden_dim, hidden_dim, 1, 1, act=nn.SiLU()) for _ in range(2))
