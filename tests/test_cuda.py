@@ -59,8 +59,6 @@ TOP_K_QUERIES = {"dino", "rtdetrv2"}
 # ... and where that changes the training loss beyond the tolerance: the tiny RT-DETRv2's bf16 scores select 9 of
 # its 10 float32 queries (measured on the CPU), its bf16 loss is then 3% off.
 TOP_K_CHANGES_LOSS = {"rtdetrv2"}
-# RT-DETRv2's published parameter groups (run.recipe.build_optimizer) build a plain, unfused AdamW.
-UNFUSED_ADAMW = {"rtdetrv2"}
 TOLERANCES = {  # amp: (outputs, relative loss, minimum cosine of the gradients)
     "off": (1e-4, 1e-4, 0.999),
     "bf16": (5e-2, 2e-2, 0.9),
@@ -156,7 +154,7 @@ def test_train_step_matches_cpu(family, amp):
         net = copy.deepcopy(model).to(device).train()
         crit = copy.deepcopy(criterion).to(device)
         optimizer = build_optimizer(net, args)
-        assert optimizer.defaults["fused"] or family in UNFUSED_ADAMW  # the one-kernel AdamW on CPU and CUDA
+        assert optimizer.defaults["fused"]  # the one-kernel AdamW on CPU and CUDA
         scaler = make_grad_scaler(precision, torch.device(device).type)
         assert scaler.is_enabled() == (precision == "fp16")
         before = [p.detach().clone() for p in net.parameters() if p.requires_grad]
