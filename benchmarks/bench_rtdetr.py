@@ -1,12 +1,15 @@
-"""CPU cost of RT-DETRv2 side by side: inference at 640 x 640, batch 1, in five variants, and one training step.
+"""CPU cost of RT-DETRv2 side by side: inference at 640 x 640, batch 1, in seven variants, and one training step.
 
-Variants (each in its own subprocess, random weights of ``--recipe``): ``eager`` (float32), ``bf16`` (bfloat16
-autocast), ``channels_last`` (float32, channels_last backbone and encoder), ``compile`` (``torch.compile`` of the
-model, float32) and ``onnxruntime`` (the ONNX export of tools/export_onnx.py run by onnxruntime's CPU provider),
-plus ``train``: forward with denoising, the VFL criterion in float32, backward and an AdamW step (batch
-``--train_batch``, 5 objects per image). Times are medians of the wall-clock time per call after ``--warmup`` calls,
-ratios against ``eager``. Peak memory: the process's peak resident set (VmHWM, reset after building the model)
-minus the resident set before the timed calls, in MiB.
+Variants (each in its own subprocess, random weights of ``--recipe``): ``eager`` (float32), ``deploy``
+(``models.deploy.prepare_for_inference``: folded batch norms, merged RepVGG branches, channels_last; float32),
+``hf`` (HF transformers' ``RTDetrV2ForObjectDetection``, a port of the published model, loaded with the same weights
+through ``interop.hf_folder.checkpoint_to_hf_folder``; float32), ``bf16`` (bfloat16 autocast), ``channels_last``
+(float32, channels_last backbone and encoder), ``compile`` (``torch.compile`` of the model, float32) and
+``onnxruntime`` (the ONNX export of tools/export_onnx.py run by onnxruntime's CPU provider), plus ``train``: forward
+with denoising, the VFL criterion in float32, backward and an AdamW step (batch ``--train_batch``, 5 objects per
+image). Times are medians of the wall-clock time per call after ``--warmup`` calls, ratios against ``eager`` and
+``hf``. Peak memory: the process's peak resident set (VmHWM, reset after building the model) minus the resident set
+before the timed calls, in MiB.
 
     python benchmarks/bench_rtdetr.py --recipe rtdetrv2_r18vd --iters 10 --threads 2
 """
@@ -25,11 +28,11 @@ from pathlib import Path
 
 from speed_common import ROOT, format_info, machine_info, markdown_table, reset_peak_rss, rss_kib
 
-VARIANTS = ("eager", "bf16", "channels_last", "compile", "onnxruntime", "train")
+VARIANTS = ("eager", "deploy", "hf", "bf16", "channels_last", "compile", "onnxruntime", "train")
 
 
 def _build(recipe: str, size: int):
-    """(model, criterion) of ``recipe`` (a hub entry name) with random weights, 80 classes, eval anchors for
+    """(model, criterion, args) of ``recipe`` (a hub entry name) with random weights, 80 classes, eval anchors for
     ``size`` x ``size`` (640: the published buffers)."""
     import models
     from main import get_args_parser
@@ -38,8 +41,19 @@ def _build(recipe: str, size: int):
     for key, value in models.FAMILIES["rtdetrv2"].hub_recipes[recipe].items():
         setattr(args, key, value)
     args.eval_spatial_size = [size, size]
+    args.num_classes = 80
     model, criterion, _ = models.build_model(args, 80)
-    return model, criterion
+    return model, criterion, args
+
+
+def _hf_model(model, args):
+    """HF ``RTDetrV2ForObjectDetection`` holding ``model``'s weights (written and read back as an HF folder)."""
+    import transformers
+
+    from interop.hf_folder import checkpoint_to_hf_folder
+
+    folder = checkpoint_to_hf_folder({"model": model.state_dict(), "args": vars(args)}, tempfile.mkdtemp())
+    return transformers.RTDetrV2ForObjectDetection.from_pretrained(folder).eval()
 
 
 def _step_function(variant: str, opts: argparse.Namespace):
@@ -47,7 +61,7 @@ def _step_function(variant: str, opts: argparse.Namespace):
     import torch
 
     torch.manual_seed(0)
-    model, criterion = _build(opts.recipe, opts.size)
+    model, criterion, args = _build(opts.recipe, opts.size)
     size = opts.size
     if variant == "train":
         model.train()
@@ -78,6 +92,18 @@ def _step_function(variant: str, opts: argparse.Namespace):
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feed = {"images": images.numpy()}
         return lambda: session.run(None, feed)
+    if variant == "hf":
+        hf_model = _hf_model(model, args)
+
+        @torch.no_grad()
+        def infer_hf() -> None:
+            hf_model(pixel_values=images)
+
+        return infer_hf
+    if variant == "deploy":
+        from models.deploy import prepare_for_inference
+
+        model = prepare_for_inference(model)
     if variant == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -110,13 +136,40 @@ def run(variant: str, opts: argparse.Namespace) -> dict:
     }
 
 
-def _run_child(variant: str, opts: argparse.Namespace, argv: list[str]) -> dict:
+def run_paired(variants: list[str], opts: argparse.Namespace) -> list[dict]:
+    """Time the inference ``variants`` in one process, one call of each per round (rotating order).
+
+    On a shared machine the load drifts between separate runs; calls that alternate see the same load, so the
+    median over rounds of each round's time ratio is the steadier comparison.
+    """
+    steps = {v: _step_function(v, opts) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(opts.warmup + opts.iters):
+        shift = i % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            tic = time.perf_counter()
+            steps[variant]()
+            times[variant].append(time.perf_counter() - tic)
+    timed = {v: t[opts.warmup :] for v, t in times.items()}
+    results = []
+    for variant, values in timed.items():
+        row = {"variant": variant, "median_s": statistics.median(values), "min_s": min(values)}
+        for base in ("eager", "hf"):
+            if base in timed:
+                row[f"vs_{base}"] = statistics.median(a / b for a, b in zip(values, timed[base]))
+        results.append(row)
+    return results
+
+
+def _run_child(variant: str, opts: argparse.Namespace, argv: list[str]) -> dict | list[dict]:
     cmd = [sys.executable, __file__, *argv, "--_child", variant]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(opts.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if variant == "paired":
+            return [{"variant": v, "error": reason[:200]} for v in opts.paired.split(",")]
         return {"variant": variant, "error": reason[:200]}
     return json.loads(lines[-1][len("RESULT ") :])
 
@@ -130,6 +183,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paired", default="", help="also time these inference variants alternating in one "
+                        "process, e.g. eager,deploy,hf (steadier ratios under a drifting load)")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     return parser
@@ -142,29 +197,54 @@ def main(argv: list[str] | None = None) -> list[dict]:
         import torch
 
         torch.set_num_threads(opts.threads)
-        print("RESULT " + json.dumps(run(opts._child, opts)))
+        if opts._child == "paired":
+            print("RESULT " + json.dumps(run_paired(opts.paired.split(","), opts)))
+        else:
+            print("RESULT " + json.dumps(run(opts._child, opts)))
         return []
     variants = [v for v in opts.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
+    paired = [v for v in opts.paired.split(",") if v]
+    unknown = sorted(set(variants + paired) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"error: unknown variant {unknown[0]}; expected some of {VARIANTS}")
+    if "train" in paired:
+        raise SystemExit("error: --paired compares inference variants; train cannot be one of them")
+    info = machine_info()
     results = [_run_child(v, opts, argv) for v in variants]
-    eager = next((r["median_s"] for r in results if r["variant"] == "eager" and "median_s" in r), None)
+    paired_results = _run_child("paired", opts, argv) if paired else []
+    if hasattr(os, "getloadavg"):
+        info["load average at end (1, 5, 15 min)"] = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+    def baseline(name: str) -> float | None:
+        return next((r["median_s"] for r in results if r["variant"] == name and "median_s" in r), None)
+
+    eager, hf = baseline("eager"), baseline("hf")
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["variant"], "failed", "", "", r["error"]])
+            rows.append([r["variant"], "failed", "", "", "", r["error"]])
             continue
-        ratio = f"{r['median_s'] / eager:.2f}x" if eager and r["variant"] != "train" else ""
-        rows.append([r["variant"], f"{r['median_s'] * 1000:.0f}", f"{r['min_s'] * 1000:.0f}", ratio,
+        inference = r["variant"] != "train"
+        ratios = [f"{r['median_s'] / base:.2f}x" if base and inference else "" for base in (eager, hf)]
+        rows.append([r["variant"], f"{r['median_s'] * 1000:.0f}", f"{r['min_s'] * 1000:.0f}", *ratios,
                      f"{r['peak_mib']:.0f}"])  # fmt: skip
-    print(format_info(machine_info()))
+    print(format_info(info))
     print(f"{opts.recipe}, {opts.size}x{opts.size}, inference batch 1, train batch {opts.train_batch}, "
           f"{opts.threads} threads, median of {opts.iters} after {opts.warmup} warm-up calls")  # fmt: skip
-    print(markdown_table(["variant", "median ms", "min ms", "vs eager", "peak MiB"], rows))
+    print(markdown_table(["variant", "median ms", "min ms", "vs eager", "vs hf", "peak MiB"], rows))
+    if paired_results:
+        print(f"\nalternating in one process ({', '.join(paired)}), median over rounds of the per-round ratio:")
+        rows = []
+        for r in paired_results:
+            if "error" in r:
+                rows.append([r["variant"], "failed", "", "", r["error"]])
+                continue
+            ratios = [f"{r[k]:.2f}x" if k in r else "" for k in ("vs_eager", "vs_hf")]
+            rows.append([r["variant"], f"{r['median_s'] * 1000:.0f}", f"{r['min_s'] * 1000:.0f}", *ratios])
+        print(markdown_table(["variant", "median ms", "min ms", "vs eager", "vs hf"], rows))
     if opts.json:
-        Path(opts.json).write_text(json.dumps(results, indent=1))
-    return results
+        Path(opts.json).write_text(json.dumps({"separate": results, "paired": paired_results}, indent=1))
+    return results + paired_results
 
 
 if __name__ == "__main__":
