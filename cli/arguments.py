@@ -301,7 +301,10 @@ def _add_project_flags(parser: argparse.ArgumentParser) -> None:
         "--skip_nonfinite", default=0, type=int, help="skip up to N batches with a non-finite loss instead of stopping"
     )
     group.add_argument(
-        "--keep_new_schedule", action="store_true", help="on resume, keep lr/lr_drop/epochs from the command line"
+        "--keep_new_schedule",
+        action="store_true",
+        help="on resume, use this command line's lrs, weight decays, lr drops and warm-up length instead of the "
+        "checkpoint's",
     )
     group.add_argument("--dist_timeout", default=10, type=float, help="minutes before a stuck collective fails")
     group.add_argument("--no_progress", action="store_true",
