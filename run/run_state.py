@@ -105,6 +105,9 @@ class TrainState:
         self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
         if self.warmup is not None and "lr_warmup" in ckpt:
             self.warmup.load_state_dict(ckpt["lr_warmup"])
+        elif self.warmup is not None and not args.keep_new_schedule:
+            # The checkpoint trained without a warm-up; its schedule is kept, so none starts mid-run.
+            self.warmup.load_state_dict({"warmup_iters": 0, "step_count": 0, "base_lrs": self.warmup.base_lrs})
         _reconcile_schedule(args, ckpt, self.optimizer, self.lr_scheduler, built, self.warmup)
         if "scaler" in ckpt and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])

@@ -244,3 +244,22 @@ def test_new_flags_that_regroup_the_parameters_are_refused_in_one_line(tmp_path)
     with pytest.raises(CheckpointError, match=r"has 4 parameter groups .* build 2 of") as error:
         _resumed(tmp_path, "rtdetrv2", old, ["--lr", "1e-4", "--lr_backbone", "1e-4", "--warmup_iters", "0"], 1, 1)
     assert "\n" not in str(error.value)
+
+
+def test_checkpoint_without_warmup_resumed_with_one_starts_no_warmup(tmp_path):
+    """A checkpoint trained without a warm-up, resumed with --warmup_iters (no --keep_new_schedule): the
+    checkpoint's schedule is kept, so the next steps run at the checkpoint's lrs, not a warm-up from step 0."""
+    old = ["--lr", "1e-3", "--lr_backbone", "1e-4", "--warmup_iters", "0"]
+    trained = _family_state(_family_args("rtdetrv2", *old))
+    _train(trained, 2, 3)
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(trained.checkpoint(_family_args("rtdetrv2", *old), 1), path)
+    lrs = [g["lr"] for g in trained.optimizer.param_groups]
+    args = _family_args("rtdetrv2", *old[:-1], "10", "--resume", str(path))
+    state = _family_state(args)
+    load_weights(args, state)
+    assert state.warmup is not None and state.warmup.finished
+    for _ in range(3):
+        state.optimizer.step()
+        state.warmup.step()
+        assert [g["lr"] for g in state.optimizer.param_groups] == lrs
