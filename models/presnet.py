@@ -58,6 +58,12 @@ class ConvNormLayer(nn.Module):
         self.norm = norm_layer(ch_out)
         self.act = act if act is not None else nn.Identity()
 
+    def fuse_for_inference(self) -> None:
+        """Inference form (models.deploy): the activation works in place (no autograd there; the norm's output
+        feeds nothing else). Folding the norm into the conv is models.deploy's generic conv/norm pass."""
+        if hasattr(self.act, "inplace"):
+            self.act.inplace = True
+
     def forward(self, x: Tensor) -> Tensor:
         """[B, ch_in, H, W] -> [B, ch_out, H / stride, W / stride]."""
         return self.act(self.norm(self.conv(x)))

@@ -16,7 +16,7 @@ from torchvision import ops
 
 from models import build_model
 from models.deploy import prepare_for_inference
-from models.presnet import PResNet
+from models.presnet import ConvNormLayer, PResNet
 from models.rtdetrv2.decoder import RTDETRTransformerv2
 from models.rtdetrv2.hybrid_encoder import RepVggBlock
 
@@ -106,6 +106,9 @@ def test_prepared_model_gives_the_same_detections(frozen, dtype, tol, channels_l
     assert repvgg == 12 and prepared.folded_conv_norms == norms - 2 * repvgg
     assert not any(isinstance(m, NORMS) for m in prepared.modules())
     assert all(m.fused is not None for m in prepared.modules() if isinstance(m, RepVggBlock))
+    # The encoder's SiLUs work in place in the copy only (the source keeps them for autograd).
+    assert all(m.act.inplace for m in prepared.modules() if isinstance(m, ConvNormLayer) and hasattr(m.act, "inplace"))
+    assert any(isinstance(m, nn.SiLU) and not m.inplace for m in model.modules())
     state = model.to(torch.float32).state_dict()
     assert list(state) == list(before) and all(torch.equal(state[k], v) for k, v in before.items())
 

@@ -116,7 +116,8 @@ class DecoderLayer(nn.Module):
             tgt + self.dropout1(self.self_attn(q, k, value=tgt, attn_mask=attn_mask, need_weights=False)[0])
         )
         tgt = self.norm2(tgt + self.dropout2(self.cross_attn(tgt + pos, ref, memory, shapes)))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        # In place: linear1's output feeds only the ReLU, and the ReLU's backward reads its own output.
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(ffn))
 
 

@@ -99,8 +99,8 @@ class RepVggBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, C, H, W]."""
-        if self.fused is not None:
-            return F.silu(self.fused(x))
+        if self.fused is not None:  # inference only: the conv's fresh output may be overwritten
+            return F.silu(self.fused(x), inplace=True)
         return F.silu(self.conv1(x) + self.conv2(x))
 
 
