@@ -198,3 +198,24 @@ def test_in_place_relu_backbone_trains_like_the_out_of_place_one(monkeypatch):
     assert grads.keys() == reference_grads.keys() and len(grads) > 0
     for name, value in reference_grads.items():
         torch.testing.assert_close(grads[name], value, atol=0, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_onnx_export_traces_the_prepared_model(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from tools.export_onnx import compare_with_onnxruntime, export_onnx
+
+    model = tiny_model(frozen=False)
+    convs = sum(isinstance(m, nn.Conv2d) for m in prepare_for_inference(model).modules())
+
+    def op_counts(path) -> dict[str, int]:
+        ops_ = [node.op_type for node in onnx.load(str(path)).graph.node]
+        return {"Conv": ops_.count("Conv"), "BatchNormalization": ops_.count("BatchNormalization")}
+
+    prepared_path = export_onnx(model, tmp_path / "prepared.onnx", SIZE, SIZE)
+    plain_path = export_onnx(model, tmp_path / "plain.onnx", SIZE, SIZE, prepare=False)
+    assert op_counts(prepared_path) == {"Conv": convs, "BatchNormalization": 0}
+    assert op_counts(plain_path)["Conv"] == convs + 12  # RepVGG blocks: two convolutions each
+    assert isinstance(model.encoder.fpn_blocks[0].bottlenecks[0].conv1.norm, nn.BatchNorm2d)  # source untouched
+    diffs = compare_with_onnxruntime(model, prepared_path, images(1))  # against the unprepared model
+    assert max(diffs.values()) < 1e-4, diffs
