@@ -202,3 +202,29 @@ def test_prepared_family_model_gives_the_same_detections(family):
         got = run(prepared)
     for name in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(got[name], expected[name], atol=TOL, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_efficientnet"])
+def test_timm_backbones_keep_their_features(name):
+    """timm modules reuse the names (conv1/bn1, ...) and BatchNormAct2d subclasses: whatever is folded must be a
+    real pair (features equal) and the norms with an activation must stay."""
+    pytest.importorskip("timm")
+    from models.timm_backbone import FrozenBatchNormAct2d, build_timm_backbone
+
+    backbone = build_timm_backbone(f"timm:{name}", (1, 2, 3))
+    images = nested_tensor_from_tensor_list(list(torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))))
+    set_norm_statistics_(backbone, lambda m: m(images))
+    with torch.no_grad():
+        expected = backbone(images)
+    prepared = prepare_for_inference(backbone)
+    acts = sum(type(m) is FrozenBatchNormAct2d for m in backbone.modules())
+    assert sum(type(m) is FrozenBatchNormAct2d for m in prepared.modules()) == acts
+    # timm's deep stem: conv1 is a Sequential ending in a conv, bn1 follows it; not a recognised pair, left as is.
+    left = [n for n, m in prepared.named_modules() if isinstance(m, NORMS) and type(m) is not FrozenBatchNormAct2d]
+    assert left == (["body.bn1"] if name == "test_resnet" else [])
+    assert prepared.folded_conv_norms == norm_count(backbone) - acts - len(left)  # 14, 0, 0
+    with torch.no_grad():
+        got = prepared(images)
+    for key, value in expected.items():
+        scale = float(value.tensors.abs().max())
+        torch.testing.assert_close(got[key].tensors, value.tensors, atol=TOL * scale, rtol=0)
