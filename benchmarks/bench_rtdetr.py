@@ -1,4 +1,5 @@
-"""CPU cost of RT-DETRv2 side by side: inference at 640 x 640, batch 1, in seven variants, and one training step.
+"""Cost of RT-DETRv2 side by side (CPU; ``--device cuda`` on a GPU): inference at 640 x 640, batch 1, in seven
+variants, and one training step.
 
 Variants (each in its own subprocess, random weights of ``--recipe``): ``eager`` (float32), ``deploy``
 (``models.deploy.prepare_for_inference``: folded batch norms, merged RepVGG branches, channels_last; float32),
@@ -61,13 +62,15 @@ def _step_function(variant: str, opts: argparse.Namespace):
     import torch
 
     torch.manual_seed(0)
+    device = torch.device(opts.device)
     model, criterion, args = _build(opts.recipe, opts.size)
+    model, criterion = model.to(device), criterion.to(device)
     size = opts.size
     if variant == "train":
         model.train()
-        images = torch.rand(opts.train_batch, 3, size, size)
-        targets = [{"labels": torch.randint(0, 80, (5,)), "boxes": torch.rand(5, 4) * 0.4 + 0.2}
-                   for _ in range(opts.train_batch)]  # fmt: skip
+        images = torch.rand(opts.train_batch, 3, size, size, device=device)
+        targets = [{"labels": torch.randint(0, 80, (5,), device=device),
+                    "boxes": torch.rand(5, 4, device=device) * 0.4 + 0.2} for _ in range(opts.train_batch)]  # fmt: skip
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
         def train_step() -> None:
@@ -80,8 +83,10 @@ def _step_function(variant: str, opts: argparse.Namespace):
 
         return train_step
     model.eval()
-    images = torch.rand(1, 3, size, size)
+    images = torch.rand(1, 3, size, size, device=device)
     if variant == "onnxruntime":
+        if device.type != "cpu":
+            raise SystemExit("onnxruntime: CPU provider only (run it with --device cpu)")
         import onnxruntime
 
         from tools.export_onnx import export_onnx
@@ -93,7 +98,7 @@ def _step_function(variant: str, opts: argparse.Namespace):
         feed = {"images": images.numpy()}
         return lambda: session.run(None, feed)
     if variant == "hf":
-        hf_model = _hf_model(model, args)
+        hf_model = _hf_model(model, args).to(device)
 
         @torch.no_grad()
         def infer_hf() -> None:
@@ -112,7 +117,7 @@ def _step_function(variant: str, opts: argparse.Namespace):
 
     @torch.no_grad()
     def infer() -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=variant == "bf16"):
+        with torch.autocast(device.type, torch.bfloat16, enabled=variant == "bf16"):
             model(images)
 
     return infer
@@ -120,19 +125,30 @@ def _step_function(variant: str, opts: argparse.Namespace):
 
 def run(variant: str, opts: argparse.Namespace) -> dict:
     """Time ``opts.warmup + opts.iters`` calls of ``variant`` in this process."""
+    import torch
+
     step = _step_function(variant, opts)
+    cuda = opts.device.startswith("cuda")
     base_rss = rss_kib("VmRSS")
     can_reset = reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(opts.warmup + opts.iters):
         tic = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - tic)
+    if cuda:  # GPU memory: the peak allocated by the timed calls
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = (rss_kib("VmHWM") - base_rss) / 1024 if can_reset else float("nan")
     return {
         "variant": variant,
         "median_s": statistics.median(times[opts.warmup :]),
         "min_s": min(times[opts.warmup :]),
-        "peak_mib": (rss_kib("VmHWM") - base_rss) / 1024 if can_reset else float("nan"),
+        "peak_mib": peak,
     }
 
 
@@ -142,13 +158,17 @@ def run_paired(variants: list[str], opts: argparse.Namespace) -> list[dict]:
     On a shared machine the load drifts between separate runs; calls that alternate see the same load, so the
     median over rounds of each round's time ratio is the steadier comparison.
     """
+    import torch
+
     steps = {v: _step_function(v, opts) for v in variants}
+    sync = torch.cuda.synchronize if opts.device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(opts.warmup + opts.iters):
         shift = i % len(variants)
         for variant in variants[shift:] + variants[:shift]:
             tic = time.perf_counter()
             steps[variant]()
+            sync()
             times[variant].append(time.perf_counter() - tic)
     timed = {v: t[opts.warmup :] for v, t in times.items()}
     results = []
@@ -175,7 +195,7 @@ def _run_child(variant: str, opts: argparse.Namespace, argv: list[str]) -> dict 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("RT-DETRv2 CPU benchmark")
+    parser = argparse.ArgumentParser("RT-DETRv2 inference and train-step benchmark")
     parser.add_argument("--recipe", default="rtdetrv2_r18vd", help="hub recipe name (random weights)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--size", type=int, default=640, help="square image side (a multiple of 32)")
@@ -183,6 +203,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak MiB: resident set on cpu, allocated "
+                        "GPU memory on cuda; onnxruntime is cpu only)")  # fmt: skip
     parser.add_argument("--paired", default="", help="also time these inference variants alternating in one "
                         "process, e.g. eager,deploy,hf (steadier ratios under a drifting load)")  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -229,7 +251,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append([r["variant"], f"{r['median_s'] * 1000:.0f}", f"{r['min_s'] * 1000:.0f}", *ratios,
                      f"{r['peak_mib']:.0f}"])  # fmt: skip
     print(format_info(info))
-    print(f"{opts.recipe}, {opts.size}x{opts.size}, inference batch 1, train batch {opts.train_batch}, "
+    print(f"{opts.recipe}, {opts.size}x{opts.size}, {opts.device}, inference batch 1, train batch {opts.train_batch}, "
           f"{opts.threads} threads, median of {opts.iters} after {opts.warmup} warm-up calls")  # fmt: skip
     print(markdown_table(["variant", "median ms", "min ms", "vs eager", "vs hf", "peak MiB"], rows))
     if paired_results:

@@ -10,7 +10,7 @@
 # 3. The GPU rows of the benchmarks: train step and inference (bench_train.py: R50 at 800x1066 and 512x683 and the
 #    demo model; math / sdpa / bf16 / channels_last / bf16+channels_last), COCO evaluation (bench_eval.py, CPU
 #    libraries on this machine's cores), the matcher's share of a step (bench_matcher.py) and the deformable
-#    attention core (bench_msda.py, when present).
+#    attention core (bench_msda.py, when present), RT-DETRv2 at 640 (bench_rtdetr.py).
 # Budget: about 5 minutes after the install on one H200-class GPU (under 8). GPU_CHECK_COMPILE=1 adds the
 # torch.compile variants (a few minutes more). Everything printed is also written to $GPU_CHECK_OUT
 # (default runs/gpu_check/): log.txt, the raw JSON, and results.md with the markdown rows for RESULTS.md.
@@ -61,6 +61,9 @@ run "$PY" benchmarks/bench_train.py --device cuda --configs deformable_800,dino_
     --iters 3 --warmup 1 --infer_iters 2 --json "$OUT/bench_train_families.json"
 run "$PY" benchmarks/bench_matcher.py --device cuda --repeats 20 --demo_steps 5 --train_json "$OUT/bench_train.json"
 run "$PY" benchmarks/bench_eval.py --images 1000 --skip_project
+# RT-DETRv2 R18vd at 640: the trained model, the inference copy and HF's port side by side, bf16, a train step.
+run "$PY" benchmarks/bench_rtdetr.py --device cuda --recipe rtdetrv2_r18vd --size 640 --iters 20 --warmup 3 \
+    --variants eager,deploy,hf,bf16,train --paired eager,deploy,hf --json "$OUT/bench_rtdetr.json"
 if [ -f benchmarks/bench_msda.py ]; then
     run "$PY" benchmarks/bench_msda.py --device cuda --repeats 20 --json "$OUT/bench_msda.json"
 fi
