@@ -294,6 +294,24 @@ def test_torch_export_and_onnx_keep_the_eval_size_with_a_dynamic_batch(tmp_path)
         assert max(diffs.values()) < 1e-4, diffs
 
 
+def test_exports_at_the_published_640_size_match_eager_with_a_dynamic_batch(tmp_path):
+    """The published eval size: anchors for 640 x 640 (8,400 tokens); torch.export (traced at batch 2) and the ONNX
+    export (of the prepared inference copy, dynamic batch) both give the eager model's outputs at batch 1..3."""
+    from tools.export import compare_with_eager, example_inputs, export_program
+    from tools.export_onnx import compare_with_onnxruntime, export_onnx
+
+    model = models.build_model(tiny("--eval_spatial_size", "640", "640"))[0].eval()
+    assert model.fixed_input_size == (640, 640)
+    program = export_program(model, 640, 640, batch_size=2)
+    for batch in (1, 3):
+        diffs = compare_with_eager(model, program, *example_inputs(batch, 640, 640))
+        assert max(diffs.values()) < 1e-5, (batch, diffs)
+    path = export_onnx(model, tmp_path / "rtdetr640.onnx", 640, 640, batch_size=1, dynamic=True)
+    for batch in (1, 2):
+        diffs = compare_with_onnxruntime(model, path, torch.randn(batch, 3, 640, 640))
+        assert max(diffs.values()) < 1e-4, (batch, diffs)
+
+
 def test_class_numbering_follows_remap_mscoco_category(tmp_path):
     """Remapped: labels are indices of the generated dataset's 6 category ids (1, 3, 4, 7, 9, 12); without the
     remap the labels are the ids and the classifier has max id + 1 = 13 classes."""
