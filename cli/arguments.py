@@ -344,7 +344,7 @@ def _add_family_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dn_box_noise_scale", default=0.4, type=float)
     group.add_argument("--dn_labelbook_size", default=None, type=int,
                        help="DINO: label embeddings (default: num_classes, 91 for COCO)")  # fmt: skip
-    group.add_argument("--num_select", default=300, type=int, help="DINO: detections kept per image")
+    group.add_argument("--num_select", default=300, type=int, help="DINO and RT-DETRv2: detections kept per image")
     group.add_argument("--interm_loss_coef", default=1.0, type=float, help="DINO: weight of the encoder losses")
     group.add_argument("--no_interm_box_loss", action="store_true", help="DINO: no box losses on encoder outputs")
 
