@@ -40,7 +40,7 @@ def test_every_hub_entry_is_named_in_the_torch_hub_section():
 def test_export_section_reads_logits_per_family():
     text = " ".join(_section("Export").split())
     detr = text.index('- DETR: [B, Q, K+1]; softmax over the K+1 columns, drop the last ("no object") column')
-    focal = text.index('- Deformable DETR and DINO: [B, Q, K], no "no object" column; sigmoid of each of the K')
+    focal = text.index('- Deformable DETR, DINO and RT-DETRv2: [B, Q, K], no "no object" column; sigmoid of each')
     assert detr < focal
     # No sentence that applies the softmax over K + 1 to every model.
     assert "Outputs: `pred_logits` [B, Q, K+1] (softmax" not in text
@@ -49,7 +49,7 @@ def test_export_section_reads_logits_per_family():
 def test_prediction_section_explains_the_threshold_and_categories_per_family():
     text = " ".join(_section("Prediction and visualisation").split())
     assert "DETR gives one detection per query, scored by the softmax probability of its best class" in text
-    assert 'Deformable DETR and DINO have no "no object" class: the top `--num_select`' in text
+    assert 'Deformable DETR and DINO (and RT-DETRv2) have no "no object" class: the top `--num_select`' in text
     assert "a class id that is not one of them never appears in `predictions.json`" in text
 
 
