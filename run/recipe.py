@@ -31,8 +31,8 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
             norm_weight_decay=args.norm_weight_decay, bias_weight_decay=args.bias_weight_decay,
             backbone_prefix=args.lr_backbone_names,
         )  # fmt: skip
-        on_cpu_or_cuda = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=on_cpu_or_cuda or None)
+        params = [p for g in groups for p in g["params"]]
+        return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=_fusable(params))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def matches(name: str, keywords: list[str]) -> bool:
@@ -49,9 +49,15 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
         )
     if args.sgd:
         return torch.optim.SGD(param_dicts, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    # The fused kernel (one launch for all tensors) is the same AdamW update, a few % of a CPU/CUDA step faster.
-    fused = bool(named) and all(p.device.type in ("cpu", "cuda") for _, p in named)
-    return torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
+    return torch.optim.AdamW(
+        param_dicts, lr=args.lr, weight_decay=args.weight_decay, fused=_fusable([p for _, p in named])
+    )
+
+
+def _fusable(params: list[torch.Tensor]) -> bool | None:
+    """True when AdamW's fused kernel (one launch for all tensors; the same update, a few % of a CPU/CUDA step
+    faster) supports every parameter's device, else None (torch's default choice)."""
+    return (bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)) or None
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace):
