@@ -9,6 +9,7 @@ checkpoint, so a resumed run re-seeds it (the model still resumes exactly; the a
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def straight(tmp_path_factory, request):
     base = tmp_path_factory.mktemp(f"straight_{request.param}")
     model = FAMILY_FLAGS[request.param]  # DINO: its denoising noise is drawn from the restored generators too
     _run(base / "data", base / "run", *model, "--epochs", "2")
-    return base / "data", base / "run", model
+    yield base / "data", base / "run", model
+    shutil.rmtree(base, ignore_errors=True)  # four checkpoints of ~0.1-0.2 GB each
 
 
 def test_epoch_boundary_resume_is_bit_identical(straight, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -64,7 +66,8 @@ def dynamic_export(tmp_path_factory):
             "--check",
         ]
     )
-    return model, out, report
+    yield model, out, report
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_dynamic_export_with_mask_from_checkpoint_cli(dynamic_export):

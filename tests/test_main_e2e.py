@@ -57,7 +57,8 @@ def trained(tmp_path_factory, request):
     base = tmp_path_factory.mktemp(f"e2e_{request.param}")
     data, out = base / "data", base / "run"
     stats = main_module.main(_args(data, out, *FAMILY_FLAGS[request.param], "--epochs", "2", "--lr_drop", "1"))
-    return data, out, stats
+    yield data, out, stats
+    shutil.rmtree(base, ignore_errors=True)  # GBs of checkpoints across the families
 
 
 def _family(trained) -> str:

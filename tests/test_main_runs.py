@@ -27,7 +27,8 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     data, out = base / "data", base / "run"
     main_module.main(_args(data, out, "--epochs", "1"))
-    return data, out
+    yield data, out
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ messages, hub load wording, one-epoch plots, and the --help header."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,7 +140,8 @@ def capped_run(tmp_path_factory):
             main_module.main(args)
     finally:
         logger.removeHandler(lines)
-    return data, out, lines.lines, threads_seen
+    yield data, out, lines.lines, threads_seen
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow
