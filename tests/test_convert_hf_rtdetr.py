@@ -373,3 +373,51 @@ def test_cli_both_ways_and_predict_loads(tmp_path):
     convert_main(["from-project", str(tmp_path / "ours.pth"), str(tmp_path / "back"), "--check"])
     assert_same_outputs(run_hf(from_pretrained(tmp_path / "back"), images()), run_hf(hf_model, images()))
     assert load_checkpoint(tmp_path / "ours.pth")["converted_from"].startswith("HF rt_detr_v2")
+
+
+# ------------------------------------------------------------------------------------------ training losses
+
+
+def _targets() -> list[dict[str, torch.Tensor]]:
+    """Two images with 3 and 2 boxes (normalised cxcywh) of classes in [0, 5)."""
+    generator = torch.Generator().manual_seed(11)
+    targets = []
+    for count in (3, 2):
+        centers = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.1
+        labels = torch.randint(0, 5, (count,), generator=generator)
+        targets.append({"labels": labels, "boxes": torch.cat([centers, sizes], dim=1)})
+    return targets
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["bn", "frozen_bn"])
+def test_training_losses_equal_hf(tmp_path, frozen):
+    """Every weighted loss term of a training step (last layer, the other decoder layers, the encoder's top-K
+    queries) equals HF's RTDetrLoss on the same weights, images and targets: an independent VFL, focal-cost matcher,
+    L1 / GIoU and num_boxes. Denoising is off on both sides (its noise is drawn differently); look-forward-twice
+    changes gradients only, so the values compare."""
+    hf_model = hf_rtdetr(frozen=frozen, num_denoising=0)
+    checkpoint = to_project(hf_model, tmp_path)
+    args = argparse.Namespace(**checkpoint["args"])
+    args.device = "cpu"
+    assert args.dn_number == 0
+    ours, criterion, _ = build_model(args)
+    ours.load_state_dict(checkpoint["model"], strict=True)
+    targets = _targets()
+    ours.train(), hf_model.train()  # BN (when trainable) uses the same batch statistics on both sides
+
+    with torch.no_grad():
+        raw = criterion(ours(images(), targets), targets)
+        hf_out = hf_model(
+            pixel_values=images(), labels=[{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        )
+    ours_weighted = {k: v * criterion.weight_dict[k] for k, v in raw.items()}
+    layers = hf_model.config.decoder_layers
+    # HF appends the encoder's top-K output as the last auxiliary output; ours names it '_enc_0'.
+    renamed = {k.replace("_enc_0", f"_aux_{layers - 1}"): v for k, v in ours_weighted.items()}
+    assert renamed.keys() == hf_out.loss_dict.keys()
+    assert len(renamed) == 3 * (layers + 1)
+    for key, value in hf_out.loss_dict.items():
+        torch.testing.assert_close(renamed[key], value, atol=1e-5, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    torch.testing.assert_close(sum(renamed.values()), hf_out.loss, atol=1e-4, rtol=1e-5)
+    assert hf_out.loss > 0 and all(v > 0 for v in raw.values())  # every term carries signal

@@ -137,6 +137,14 @@ def test_tiny_state_dict_read_back_rebuilds_strictly():
     # No saved anchors (built without an eval size): [] rebuilds it without them.
     state = models.build_model(tiny("--eval_spatial_size"))[0].state_dict()
     assert "decoder.anchors" not in state and models.FAMILIES["rtdetrv2"].architecture(state)["eval_spatial_size"] == []
+    # --dn_number 0 (as published): no denoising embedding, and the state dict says so to the rebuild.
+    family = models.FAMILIES["rtdetrv2"]
+    state = models.build_model(tiny("--dn_number", "0"))[0].state_dict()
+    assert not any("denoising_class_embed" in k for k in state)
+    arch = family.architecture(state)
+    assert arch["dn_number"] == 0 and family.architecture(rebuilt[0].state_dict())["dn_number"] is None
+    values = {**vars(tiny()), **{k: v for k, v in arch.items() if v is not None}}
+    models.build_model(argparse.Namespace(**values))[0].load_state_dict(state, strict=True)
 
 
 def test_other_families_do_not_claim_rtdetrv2_keys():

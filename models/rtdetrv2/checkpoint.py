@@ -52,8 +52,8 @@ def _eval_size(state: Mapping[str, Tensor]) -> list[int] | None:
 def architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
     """Flags an RT-DETRv2 state dict implies: backbone, freeze_norm, the encoder's enc_hidden_dim /
     enc_dim_feedforward / enc_expansion / enc_layers, the decoder's hidden_dim / nheads / dec_layers /
-    dim_feedforward / dec_n_points, num_feature_levels, num_classes and eval_spatial_size. num_queries, eval_idx,
-    freeze_at and dn_number are not weights: None.
+    dim_feedforward / dec_n_points, num_feature_levels, num_classes and eval_spatial_size; dn_number 0 when the
+    denoising embedding is absent. num_queries, eval_idx, freeze_at and a non-zero dn_number are not weights: None.
 
     Raises:
         ValueError: not an RT-DETRv2 state dict.
@@ -83,5 +83,5 @@ def architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
         "eval_spatial_size": _eval_size(state),
         "num_queries": None,
         "eval_idx": None,
-        "dn_number": None,
+        "dn_number": None if "decoder.denoising_class_embed.weight" in state else 0,  # the embedding needs dn > 0
     }

@@ -188,7 +188,10 @@ class RTDETRTransformerv2(nn.Module):
             for _ in range(num_layers)
         ]
         self.decoder = _Layers(layers)
-        self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
+        # As published, only with denoising: a num_denoising 0 checkpoint has no such key.
+        self.denoising_class_embed = (
+            nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes) if num_denoising > 0 else None
+        )
         self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2)
         self.enc_output = nn.Sequential(
             OrderedDict([("proj", nn.Linear(hidden_dim, hidden_dim)), ("norm", nn.LayerNorm(hidden_dim))])
