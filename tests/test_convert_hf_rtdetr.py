@@ -390,24 +390,28 @@ def _targets() -> list[dict[str, torch.Tensor]]:
     return targets
 
 
-@pytest.mark.parametrize("frozen", [False, True], ids=["bn", "frozen_bn"])
-def test_training_losses_equal_hf(tmp_path, frozen):
+@pytest.mark.parametrize(
+    ("frozen", "denoising"), [(False, 0), (True, 0), (False, 4)], ids=["bn", "frozen_bn", "bn_denoising"]
+)
+def test_training_losses_equal_hf(tmp_path, frozen, denoising):
     """Every weighted loss term of a training step (last layer, the other decoder layers, the encoder's top-K
-    queries) equals HF's RTDetrLoss on the same weights, images and targets: an independent VFL, focal-cost matcher,
-    L1 / GIoU and num_boxes. Denoising is off on both sides (its noise is drawn differently); look-forward-twice
-    changes gradients only, so the values compare."""
-    hf_model = hf_rtdetr(frozen=frozen, num_denoising=0)
+    queries, the denoising layers) equals HF's RTDetrLoss on the same weights, images and targets: an independent
+    VFL, focal-cost matcher, L1 / GIoU, num_boxes and contrastive denoising (the same generator seed gives the same
+    noise when both draw it in the published order). Look-forward-twice changes gradients only, so values compare."""
+    hf_model = hf_rtdetr(frozen=frozen, num_denoising=denoising)
     checkpoint = to_project(hf_model, tmp_path)
     args = argparse.Namespace(**checkpoint["args"])
     args.device = "cpu"
-    assert args.dn_number == 0
+    assert args.dn_number == denoising
     ours, criterion, _ = build_model(args)
     ours.load_state_dict(checkpoint["model"], strict=True)
     targets = _targets()
     ours.train(), hf_model.train()  # BN (when trainable) uses the same batch statistics on both sides
 
     with torch.no_grad():
+        torch.manual_seed(5)
         raw = criterion(ours(images(), targets), targets)
+        torch.manual_seed(5)
         hf_out = hf_model(
             pixel_values=images(), labels=[{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
         )
@@ -416,7 +420,7 @@ def test_training_losses_equal_hf(tmp_path, frozen):
     # HF appends the encoder's top-K output as the last auxiliary output; ours names it '_enc_0'.
     renamed = {k.replace("_enc_0", f"_aux_{layers - 1}"): v for k, v in ours_weighted.items()}
     assert renamed.keys() == hf_out.loss_dict.keys()
-    assert len(renamed) == 3 * (layers + 1)
+    assert len(renamed) == 3 * (layers + 1 + (layers if denoising else 0))
     for key, value in hf_out.loss_dict.items():
         torch.testing.assert_close(renamed[key], value, atol=1e-5, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
     torch.testing.assert_close(sum(renamed.values()), hf_out.loss, atol=1e-4, rtol=1e-5)
