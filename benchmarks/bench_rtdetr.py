@@ -1,16 +1,18 @@
-"""Cost of RT-DETRv2 side by side (CPU; ``--device cuda`` on a GPU): inference at 640 x 640, batch 1, in seven
+"""Cost of RT-DETRv2 side by side (CPU; ``--device cuda`` on a GPU): inference at 640 x 640, batch 1, in eight
 variants, and one training step.
 
 Variants (each in its own subprocess, random weights of ``--recipe``): ``eager`` (float32), ``deploy``
 (``models.deploy.prepare_for_inference``: folded batch norms, merged RepVGG branches, channels_last; float32),
 ``hf`` (HF transformers' ``RTDetrV2ForObjectDetection``, a port of the published model, loaded with the same weights
-through ``interop.hf_folder.checkpoint_to_hf_folder``; float32), ``bf16`` (bfloat16 autocast), ``channels_last``
+through ``interop.hf_folder.checkpoint_to_hf_folder``; float32), ``hf_deploy`` (that port with its RepVGG blocks
+merged into one 3x3 conv each, which is all the published model's ``deploy()`` changes: the stand-in for the
+published inference model; its outputs are checked against ``hf``), ``bf16`` (bfloat16 autocast), ``channels_last``
 (float32, channels_last backbone and encoder), ``compile`` (``torch.compile`` of the model, float32) and
 ``onnxruntime`` (the ONNX export of tools/export_onnx.py run by onnxruntime's CPU provider), plus ``train``: forward
 with denoising, the VFL criterion in float32, backward and an AdamW step (batch ``--train_batch``, 5 objects per
-image). Times are medians of the wall-clock time per call after ``--warmup`` calls, ratios against ``eager`` and
-``hf``. Peak memory: the process's peak resident set (VmHWM, reset after building the model) minus the resident set
-before the timed calls, in MiB.
+image). Times are medians of the wall-clock time per call after ``--warmup`` calls, ratios against ``eager``,
+``hf`` and ``hf_deploy``. Peak memory: the process's peak resident set (VmHWM, reset after building the model)
+minus the resident set before the timed calls, in MiB.
 
     python benchmarks/bench_rtdetr.py --recipe rtdetrv2_r18vd --iters 10 --threads 2
 """
@@ -29,7 +31,8 @@ from pathlib import Path
 
 from speed_common import ROOT, format_info, machine_info, markdown_table, reset_peak_rss, rss_kib
 
-VARIANTS = ("eager", "deploy", "hf", "bf16", "channels_last", "compile", "onnxruntime", "train")
+VARIANTS = ("eager", "deploy", "hf", "hf_deploy", "bf16", "channels_last", "compile", "onnxruntime", "train")
+BASELINES = ("eager", "hf", "hf_deploy")
 
 
 def _build(recipe: str, size: int):
@@ -55,6 +58,47 @@ def _hf_model(model, args):
 
     folder = checkpoint_to_hf_folder({"model": model.state_dict(), "args": vars(args)}, tempfile.mkdtemp())
     return transformers.RTDetrV2ForObjectDetection.from_pretrained(folder).eval()
+
+
+def _merge_hf_repvgg(hf_model):
+    """``hf_model`` with every RepVGG block (3x3 conv + BN plus 1x1 conv + BN, summed) replaced by one biased 3x3 conv
+    and its activation, as the published ``RepVggBlock.convert_to_deploy`` does. Each merged block must give its
+    block's output on a random input within 1e-4 (relative to its largest value); the whole model's outputs are not
+    compared, because with random weights the top-K query selection flips on float rounding."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from models.deploy import fold_conv_norm
+
+    class MergedRepVgg(nn.Module):
+        def __init__(self, block: nn.Module):
+            super().__init__()
+            weight3, bias3 = fold_conv_norm(block.conv1.conv, block.conv1.norm)
+            weight1, bias1 = fold_conv_norm(block.conv2.conv, block.conv2.norm)
+            self.conv = nn.Conv2d(weight3.shape[1], weight3.shape[0], 3, 1, padding=1).to(weight3)
+            with torch.no_grad():
+                self.conv.weight.copy_(weight3 + F.pad(weight1, [1, 1, 1, 1]))
+                self.conv.bias.copy_(bias3 + bias1)
+            self.activation = block.activation
+
+        def forward(self, x):
+            return self.activation(self.conv(x))
+
+    blocks = [(name, m) for name, m in hf_model.named_modules() if type(m).__name__.endswith("RepVggBlock")]
+    if not blocks:
+        raise RuntimeError("no RepVggBlock in the HF model")
+    with torch.no_grad():
+        for name, block in blocks:
+            merged = MergedRepVgg(block)
+            x = torch.randn(1, block.conv1.conv.in_channels, 12, 12, generator=torch.Generator().manual_seed(0))
+            expected = block(x.to(merged.conv.weight))
+            diff = (merged(x.to(merged.conv.weight)) - expected).abs().max().item()
+            if diff > 1e-4 * max(expected.abs().max().item(), 1.0):
+                raise RuntimeError(f"merged RepVGG block {name} differs by {diff:.2e}")
+            parent_name, _, child = name.rpartition(".")
+            setattr(hf_model.get_submodule(parent_name), child, merged)
+    return hf_model
 
 
 def _step_function(variant: str, opts: argparse.Namespace):
@@ -97,8 +141,10 @@ def _step_function(variant: str, opts: argparse.Namespace):
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feed = {"images": images.numpy()}
         return lambda: session.run(None, feed)
-    if variant == "hf":
+    if variant in ("hf", "hf_deploy"):
         hf_model = _hf_model(model, args).to(device)
+        if variant == "hf_deploy":
+            hf_model = _merge_hf_repvgg(hf_model)
 
         @torch.no_grad()
         def infer_hf() -> None:
@@ -174,7 +220,7 @@ def run_paired(variants: list[str], opts: argparse.Namespace) -> list[dict]:
     results = []
     for variant, values in timed.items():
         row = {"variant": variant, "median_s": statistics.median(values), "min_s": min(values)}
-        for base in ("eager", "hf"):
+        for base in BASELINES:
             if base in timed:
                 row[f"vs_{base}"] = statistics.median(a / b for a, b in zip(values, timed[base]))
         results.append(row)
@@ -240,30 +286,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def baseline(name: str) -> float | None:
         return next((r["median_s"] for r in results if r["variant"] == name and "median_s" in r), None)
 
-    eager, hf = baseline("eager"), baseline("hf")
+    bases = [baseline(name) for name in BASELINES]
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["variant"], "failed", "", "", "", r["error"]])
+            rows.append([r["variant"], "failed", "", *[""] * len(BASELINES), r["error"]])
             continue
         inference = r["variant"] != "train"
-        ratios = [f"{r['median_s'] / base:.2f}x" if base and inference else "" for base in (eager, hf)]
+        ratios = [f"{r['median_s'] / base:.2f}x" if base and inference else "" for base in bases]
         rows.append([r["variant"], f"{r['median_s'] * 1000:.0f}", f"{r['min_s'] * 1000:.0f}", *ratios,
                      f"{r['peak_mib']:.0f}"])  # fmt: skip
     print(format_info(info))
     print(f"{opts.recipe}, {opts.size}x{opts.size}, {opts.device}, inference batch 1, train batch {opts.train_batch}, "
           f"{opts.threads} threads, median of {opts.iters} after {opts.warmup} warm-up calls")  # fmt: skip
-    print(markdown_table(["variant", "median ms", "min ms", "vs eager", "vs hf", "peak MiB"], rows))
+    vs = [f"vs {name}" for name in BASELINES]
+    print(markdown_table(["variant", "median ms", "min ms", *vs, "peak MiB"], rows))
     if paired_results:
         print(f"\nalternating in one process ({', '.join(paired)}), median over rounds of the per-round ratio:")
         rows = []
         for r in paired_results:
             if "error" in r:
-                rows.append([r["variant"], "failed", "", "", r["error"]])
+                rows.append([r["variant"], "failed", "", *[""] * (len(BASELINES) - 1), r["error"]])
                 continue
-            ratios = [f"{r[k]:.2f}x" if k in r else "" for k in ("vs_eager", "vs_hf")]
+            ratios = [f"{r[f'vs_{k}']:.2f}x" if f"vs_{k}" in r else "" for k in BASELINES]
             rows.append([r["variant"], f"{r['median_s'] * 1000:.0f}", f"{r['min_s'] * 1000:.0f}", *ratios])
-        print(markdown_table(["variant", "median ms", "min ms", "vs eager", "vs hf"], rows))
+        print(markdown_table(["variant", "median ms", "min ms", *vs], rows))
     if opts.json:
         Path(opts.json).write_text(json.dumps({"separate": results, "paired": paired_results}, indent=1))
     return results + paired_results
