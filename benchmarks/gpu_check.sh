@@ -63,7 +63,7 @@ run "$PY" benchmarks/bench_matcher.py --device cuda --repeats 20 --demo_steps 5 
 run "$PY" benchmarks/bench_eval.py --images 1000 --skip_project
 # RT-DETRv2 R18vd at 640: the trained model, the inference copy and HF's port side by side, bf16, a train step.
 run "$PY" benchmarks/bench_rtdetr.py --device cuda --recipe rtdetrv2_r18vd --size 640 --iters 20 --warmup 3 \
-    --variants eager,deploy,hf,bf16,train --paired eager,deploy,hf --json "$OUT/bench_rtdetr.json"
+    --variants eager,deploy,hf,hf_deploy,bf16,train --paired eager,deploy,hf,hf_deploy --json "$OUT/bench_rtdetr.json"
 if [ -f benchmarks/bench_msda.py ]; then
     run "$PY" benchmarks/bench_msda.py --device cuda --repeats 20 --json "$OUT/bench_msda.json"
 fi
