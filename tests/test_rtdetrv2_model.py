@@ -307,7 +307,7 @@ def test_postprocess_topk_over_flattened_scores_and_label_map() -> None:
 
 # ----------------------------------------------------------------------------- init
 def test_init_rules() -> None:
-    dec = tiny_decoder(hidden_dim=32, nhead=8)
+    dec = tiny_decoder(hidden_dim=32, nhead=8, num_denoising=4)
     attn = dec.decoder.layers[0].cross_attn
     assert (attn.sampling_offsets.weight == 0).all() and (attn.attention_weights.weight == 0).all()
     assert torch.equal(attn.num_points_scale, torch.full((12,), 0.25))
@@ -325,6 +325,7 @@ def test_init_rules() -> None:
     for mlp in [dec.enc_bbox_head, *dec.dec_bbox_head]:
         assert (mlp.layers[-1].weight == 0).all() and (mlp.layers[-1].bias == 0).all()
     assert (dec.denoising_class_embed.weight[5] == 0).all() and dec.denoising_class_embed.weight[0].abs().sum() > 0
+    assert tiny_decoder(num_denoising=0).denoising_class_embed is None  # as published: only with denoising
 
 
 # ----------------------------------------------------------------------------- end to end
