@@ -1,5 +1,6 @@
 """Helpers the tests import (``from helpers import ...``): tiny model flags that build offline in well under a
-second, the run flags per detector family, and a parser shortcut. Fixtures live in ``conftest.py``."""
+second, the run flags per detector family, a parser shortcut and seeded detection targets. Fixtures live in
+``conftest.py``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
 
 from cli.arguments import get_args_parser  # noqa: E402
 
@@ -44,3 +47,16 @@ FAMILY_FLAGS = {
 def parse_tiny_args(*extra: str):
     """Parse the tiny model flags plus ``extra`` (later flags win)."""
     return get_args_parser().parse_args([*TINY_FLAGS, *extra])
+
+
+def box_targets(counts: tuple[int, ...] = (3, 2), num_classes: int = 5, seed: int = 11) -> list[dict]:
+    """Seeded targets, one dict per image: 'labels' [n] int64 in [0, num_classes), 'boxes' [n, 4] normalised
+    cxcywh (centres in [0.2, 0.8], sides in [0.1, 0.4])."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = []
+    for count in counts:
+        centers = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.1
+        labels = torch.randint(0, num_classes, (count,), generator=generator)
+        targets.append({"labels": labels, "boxes": torch.cat([centers, sizes], dim=1)})
+    return targets

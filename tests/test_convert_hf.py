@@ -16,7 +16,7 @@ pytest.importorskip("safetensors")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
-from helpers import parse_tiny_args  # noqa: E402
+from helpers import box_targets, parse_tiny_args  # noqa: E402
 
 from interop.hf_detr import Arch, MappingError, hf_to_project_state, project_to_hf_state  # noqa: E402
 from interop.hf_folder import checkpoint_to_hf_folder, class_names_from_id2label, hf_folder_to_checkpoint  # noqa: E402
@@ -332,18 +332,6 @@ LOSS_VARIANTS = {
 }
 
 
-def _targets() -> list[dict[str, torch.Tensor]]:
-    """Two images with 3 and 2 boxes (normalised cxcywh) of classes in [0, 5)."""
-    generator = torch.Generator().manual_seed(11)
-    targets = []
-    for count in (3, 2):
-        centers = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
-        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.1
-        labels = torch.randint(0, 5, (count,), generator=generator)
-        targets.append({"labels": labels, "boxes": torch.cat([centers, sizes], dim=1)})
-    return targets
-
-
 @pytest.mark.parametrize("variant", LOSS_VARIANTS)
 def test_training_losses_equal_hf(tmp_path, variant):
     """The unweighted loss terms of a training step equal HF's independent loss on the same weights, padded images
@@ -360,7 +348,7 @@ def test_training_losses_equal_hf(tmp_path, variant):
     ours, criterion, _ = build_model(args)
     ours.load_state_dict(checkpoint["model"], strict=True)
     ours.train(), hf_model.train()  # dropout is 0 on both sides
-    targets = _targets()
+    targets = box_targets()  # 3 and 2 boxes of 5 classes
     batch = nested_tensor_from_tensor_list(images())
     hf_labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
     with torch.no_grad():

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "RTDetrV2ForObjectDetection"):
     pytest.skip("transformers without RT-DETRv2", allow_module_level=True)
 
-from helpers import parse_tiny_args  # noqa: E402
+from helpers import box_targets, parse_tiny_args  # noqa: E402
 
 from interop.hf_detr import MappingError  # noqa: E402
 from interop.hf_folder import checkpoint_to_hf_folder, hf_folder_to_checkpoint  # noqa: E402
@@ -378,18 +378,6 @@ def test_cli_both_ways_and_predict_loads(tmp_path):
 # ------------------------------------------------------------------------------------------ training losses
 
 
-def _targets() -> list[dict[str, torch.Tensor]]:
-    """Two images with 3 and 2 boxes (normalised cxcywh) of classes in [0, 5)."""
-    generator = torch.Generator().manual_seed(11)
-    targets = []
-    for count in (3, 2):
-        centers = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
-        sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.1
-        labels = torch.randint(0, 5, (count,), generator=generator)
-        targets.append({"labels": labels, "boxes": torch.cat([centers, sizes], dim=1)})
-    return targets
-
-
 @pytest.mark.parametrize(
     ("frozen", "denoising"), [(False, 0), (True, 0), (False, 4)], ids=["bn", "frozen_bn", "bn_denoising"]
 )
@@ -405,7 +393,7 @@ def test_training_losses_equal_hf(tmp_path, frozen, denoising):
     assert args.dn_number == denoising
     ours, criterion, _ = build_model(args)
     ours.load_state_dict(checkpoint["model"], strict=True)
-    targets = _targets()
+    targets = box_targets()  # 3 and 2 boxes of 5 classes
     ours.train(), hf_model.train()  # BN (when trainable) uses the same batch statistics on both sides
 
     with torch.no_grad():
