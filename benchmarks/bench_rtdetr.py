@@ -56,8 +56,9 @@ def _hf_model(model, args):
 
     from interop.hf_folder import checkpoint_to_hf_folder
 
-    folder = checkpoint_to_hf_folder({"model": model.state_dict(), "args": vars(args)}, tempfile.mkdtemp())
-    return transformers.RTDetrV2ForObjectDetection.from_pretrained(folder).eval()
+    with tempfile.TemporaryDirectory() as scratch:  # ~80-170 MB of weights, read back into memory
+        folder = checkpoint_to_hf_folder({"model": model.state_dict(), "args": vars(args)}, scratch)
+        return transformers.RTDetrV2ForObjectDetection.from_pretrained(folder).eval()
 
 
 def _merge_hf_repvgg(hf_model):
@@ -135,10 +136,11 @@ def _step_function(variant: str, opts: argparse.Namespace):
 
         from tools.export_onnx import export_onnx
 
-        path = export_onnx(model, Path(tempfile.mkdtemp()) / "rtdetr.onnx", size, size)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = opts.threads
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as scratch:  # the session holds the graph once it is built
+            path = export_onnx(model, Path(scratch) / "rtdetr.onnx", size, size)
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feed = {"images": images.numpy()}
         return lambda: session.run(None, feed)
     if variant in ("hf", "hf_deploy"):
